@@ -1,0 +1,52 @@
+# The book's two commands: `make book` (build the rendered book) and `make test` (every test).
+# Both create the environment in .venv and fetch the data when missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MATHJAX := book_static/mathjax/es5/tex-mml-chtml.js
+JB_FLAGS := --all -W -n --keep-going
+
+.PHONY: book test pytest nbval book-smoke env data clean help
+
+help:
+	@echo "make book   build the rendered book in _build/html (executes every chapter, profile 'default')"
+	@echo "make test   package tests, every chapter under nbval and a smoke build of the book (profile 'smoke')"
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(STAMP)
+	$(BIN)/python -m diffbook.data mnist
+
+# MathJax served from the book itself, so formulas render offline (npm package, no install scripts).
+$(MATHJAX):
+	rm -rf book_static/mathjax && mkdir -p book_static/mathjax
+	tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent mathjax@3.2.2 >/dev/null) \
+	  && tar -xzf $$tmp/mathjax-3.2.2.tgz -C $$tmp package/es5 && mv $$tmp/package/es5 book_static/mathjax/es5 && rm -rf $$tmp
+
+book: $(STAMP) data $(MATHJAX)
+	DIFFBOOK_PROFILE=default $(BIN)/jupyter-book build $(JB_FLAGS) .
+	@echo "open _build/html/index.html"
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+nbval: $(STAMP) data
+	DIFFBOOK_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=600 chapters
+
+book-smoke: $(STAMP) data $(MATHJAX)
+	DIFFBOOK_PROFILE=smoke $(BIN)/jupyter-book build $(JB_FLAGS) --path-output _build/smoke .
+
+test: pytest nbval book-smoke
+
+clean:
+	rm -rf _build

@@ -1,0 +1,26 @@
+"""Named training configs: the ones chapters load, and the ones ``python -m diffbook.train NAME`` runs.
+
+Each chapter uses three of them through its profile: ``*_smoke`` (seconds, for tests), the default (the
+checkpoint shipped under ``checkpoints/``, trained on a CPU) and ``*_full`` (the paper's scale, for a GPU).
+"""
+from __future__ import annotations
+
+from .nets import UNetConfig
+from .train import TrainConfig
+
+_MNIST_UNET = UNetConfig().to_dict()
+
+MNIST_DDPM = TrainConfig(name="mnist_ddpm", dataset="mnist", net="unet", net_config=_MNIST_UNET,
+                         objective="ddpm_eps", schedule="linear", T=1000, steps=3000, batch_size=128, lr=1e-3,
+                         warmup_steps=200, ema_decay=0.999, seed=0)
+
+MNIST_DDPM_SMOKE = MNIST_DDPM.replace(
+    name="mnist_ddpm_smoke", steps=30, batch_size=32, train_subset=2048, warmup_steps=5, checkpoint_every=10,
+    net_config=UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=()).to_dict())
+
+MNIST_DDPM_FULL = MNIST_DDPM.replace(
+    name="mnist_ddpm_full", steps=100_000, lr=2e-4, warmup_steps=5000, ema_decay=0.9999, checkpoint_every=2000,
+    net_config=UNetConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(14,),
+                          dropout=0.1).to_dict())
+
+CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL)}

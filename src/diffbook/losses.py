@@ -1,0 +1,29 @@
+r"""Training objectives. Each maps ``(net, x0, schedule, generator, y)`` to a scalar loss.
+
+Later chapters register more objectives in :data:`OBJECTIVES`; the training loop looks them up by name.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .schedules import NoiseSchedule
+
+Objective = Callable[[nn.Module, torch.Tensor, NoiseSchedule, torch.Generator, "torch.Tensor | None"], torch.Tensor]
+
+
+def ddpm_eps_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                  y: torch.Tensor | None = None) -> torch.Tensor:
+    r""":math:`L_\text{simple} = \mathbb{E}_{t\sim U\{1..T\},\,\varepsilon}\,\lVert\varepsilon - \varepsilon_\theta(\sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\varepsilon, t)\rVert^2`
+    (Ho et al. 2020, eq. 14), averaged over pixels. ``t`` and ε are drawn from ``generator`` on the CPU,
+    so a run is reproducible whatever the device."""
+    t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = t.to(x0.device)
+    x_t = schedule.q_sample(x0, t, noise)
+    return (net(x_t, t.float(), y).float() - noise).pow(2).mean()
+
+
+OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss}

@@ -1,0 +1,105 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from diffbook.nets import UNetConfig
+from diffbook.train import TrainConfig, find_checkpoint, load_checkpoint, load_or_train, run_dir, train
+
+TINY = TrainConfig(name="tiny", net_config=UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(),
+                                                      dropout=0.1).to_dict(),
+                   steps=6, batch_size=8, warmup_steps=2, checkpoint_every=3, precision="fp32", seed=7)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.net.state_dict().items()}
+
+
+def test_same_seed_gives_bit_identical_weights(isolated_cache, tiny_images):
+    first = _weights(train(TINY, device=torch.device("cpu"), progress=False))
+    for path in run_dir(TINY).iterdir():
+        path.unlink()
+    second = _weights(train(TINY, device=torch.device("cpu"), progress=False))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    third = _weights(train(TINY.replace(seed=8), device=torch.device("cpu"), progress=False))
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(isolated_cache, tiny_images):
+    cpu = torch.device("cpu")
+    uninterrupted = train(TINY, device=cpu, progress=False)
+    expected, expected_losses = _weights(uninterrupted), uninterrupted.loss_history
+    for path in run_dir(TINY).iterdir():
+        path.unlink()
+    partial = train(TINY, device=cpu, progress=False, max_steps=3)  # "killed" after the step-3 checkpoint
+    assert partial.manifest["steps"] == 3 and not (run_dir(TINY) / "tiny.pt").exists()
+    torch.manual_seed(12345)  # whatever the global RNG did in between must not matter
+    resumed = train(TINY, device=cpu, progress=False)
+    assert resumed.loss_history == expected_losses
+    assert all(torch.equal(expected[k], _weights(resumed)[k]) for k in expected)
+
+
+def test_ctrl_c_stops_on_a_finished_step_and_resume_loses_nothing(isolated_cache, tiny_images, monkeypatch):
+    cpu = torch.device("cpu")
+    expected = _weights(train(TINY.replace(name="tiny_ref"), device=cpu, progress=False))
+    config = TINY.replace(name="tiny_ki")
+    import diffbook.train as module
+    real_update, calls = module._update_ema, {"n": 0}
+
+    def update_then_press_ctrl_c(*args):
+        calls["n"] += 1
+        real_update(*args)
+        if calls["n"] == 4:  # mid-way between checkpoints (every 3 steps)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(module, "_update_ema", update_then_press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, device=cpu, progress=False)
+    monkeypatch.setattr(module, "_update_ema", real_update)
+    state = torch.load(run_dir(config) / "state.pt", weights_only=False)
+    assert state["step"] == 4  # the step in flight finished and was saved
+    resumed = train(config, device=cpu, progress=False)
+    assert all(torch.equal(expected[k], _weights(resumed)[k]) for k in expected)
+
+
+def test_release_writes_manifest_and_load_or_train_reuses_it(isolated_cache, tiny_images):
+    out = isolated_cache / "checkpoints"
+    trained = train(TINY, device=torch.device("cpu"), progress=False, out_dir=out, command="test")
+    manifest = json.loads((out / "tiny.json").read_text())
+    for key in ("config", "seed", "steps", "wall_time_s", "device", "hardware", "torch_version", "sha256", "command"):
+        assert key in manifest
+    assert manifest["steps"] == 6 and manifest["command"] == "test"
+    assert find_checkpoint(TINY) == out / "tiny.pt"
+    assert find_checkpoint(TINY.replace(steps=7)) is None  # another config: not this checkpoint
+    assert find_checkpoint(TINY.replace(checkpoint_every=2)) == out / "tiny.pt"  # does not change the weights
+    loaded = load_or_train(TINY, device=torch.device("cpu"))
+    assert all(torch.equal(v, loaded.net.state_dict()[k]) for k, v in trained.net.state_dict().items())
+
+
+def test_corrupt_checkpoint_is_refused_with_the_retrain_command(isolated_cache, tiny_images):
+    out = isolated_cache / "checkpoints"
+    train(TINY, device=torch.device("cpu"), progress=False, out_dir=out, command="python -m diffbook.train tiny")
+    data = bytearray((out / "tiny.pt").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "tiny.pt").write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="python -m diffbook.train tiny"):
+        load_checkpoint(out / "tiny.pt")
+
+
+def test_resume_refuses_a_state_from_another_config(isolated_cache, tiny_images):
+    config = TINY.replace(steps=3)
+    train(config, device=torch.device("cpu"), progress=False)
+    state = torch.load(run_dir(config) / "state.pt", weights_only=False)
+    state["config"]["lr"] = 1.0
+    torch.save(state, run_dir(config) / "state.pt")
+    with pytest.raises(RuntimeError, match="belongs to another config"):
+        train(config.replace(steps=3), device=torch.device("cpu"), progress=False)
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown objective"):
+        TINY.replace(objective="nope")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TINY.replace(steps=0)
