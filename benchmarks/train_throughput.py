@@ -1,0 +1,85 @@
+"""Training and sampling throughput of the default U-Net on the current device, printed as JSON.
+
+    python benchmarks/train_throughput.py [--batch 128] [--steps 20] [--device cpu]
+
+Training: AdamW steps on random 28x28 batches with the precision the training loop would pick
+(bf16 autocast on CPUs with native bf16 units and on CUDA); reported with fp32 beside it.
+Sampling: network evaluations of one reverse step at batch ``--sample-batch``, as images per second
+per step (divide by the number of steps for whole samples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from diffbook.device import autocast, autocast_dtype, describe_hardware, pick_device
+from diffbook.nets import UNet, UNetConfig, count_parameters
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def train_images_per_second(net: UNet, device: torch.device, dtype, batch: int, steps: int, warmup: int = 3) -> float:
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.randint(1, 1001, (batch,), device=device).float()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        with autocast(device, dtype):
+            loss = (net(x, t).float() - x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def sample_step_images_per_second(net: UNet, device: torch.device, dtype, batch: int, steps: int, warmup: int = 3) -> float:
+    net.eval()
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        with autocast(device, dtype):
+            x = x - 1e-3 * net(x, t).float()
+    _sync(device)
+    net.train()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    net = UNet(UNetConfig()).to(device)
+    auto = autocast_dtype(device, "auto")
+    report = {"device": device.type, "hardware": describe_hardware(device), "torch": torch.__version__,
+              "parameters": count_parameters(net), "batch": args.batch, "sample_batch": args.sample_batch,
+              "auto_precision": str(auto or torch.float32).replace("torch.", "")}
+    for label, dtype in [("fp32", None)] + ([("auto", auto)] if auto is not None else []):
+        report[f"train_images_per_s_{label}"] = round(train_images_per_second(net, device, dtype, args.batch, args.steps), 1)
+        report[f"sample_step_images_per_s_{label}"] = round(
+            sample_step_images_per_second(net, device, dtype, args.sample_batch, args.steps), 1)
+    report["ddpm_1000_step_samples_per_s_auto"] = round(report[f"sample_step_images_per_s_{'auto' if auto else 'fp32'}"] / 1000, 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
