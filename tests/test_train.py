@@ -103,3 +103,14 @@ def test_invalid_config_is_rejected():
         TINY.replace(objective="nope")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         TINY.replace(steps=0)
+
+
+def test_toy_data_trains_an_mlp_and_its_loss_falls(isolated_cache):
+    from diffbook.nets import MLPConfig
+    config = TrainConfig(name="ring_tiny", dataset="ring", net="mlp", net_config=MLPConfig(hidden=32, layers=2).to_dict(),
+                         steps=150, batch_size=256, lr=3e-3, warmup_steps=10, train_subset=4096, precision="fp32")
+    losses = train(config, device=torch.device("cpu"), progress=False).loss_history
+    assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
+    from diffbook.toy import toy_samples
+    with pytest.raises(ValueError, match="unknown toy dataset"):
+        toy_samples("moons", 10, 0)

@@ -5,7 +5,7 @@ checkpoint shipped under ``checkpoints/``, trained on a CPU) and ``*_full`` (the
 """
 from __future__ import annotations
 
-from .nets import UNetConfig
+from .nets import MLPConfig, UNetConfig
 from .train import TrainConfig
 
 _MNIST_UNET = UNetConfig().to_dict()
@@ -23,4 +23,13 @@ MNIST_DDPM_FULL = MNIST_DDPM.replace(
     net_config=UNetConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(14,),
                           dropout=0.1).to_dict())
 
-CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL)}
+# A score / noise model of the 2-D ring mixture (diffbook.toy): an MLP trained with the same ε-loss.
+RING_EPS = TrainConfig(name="ring_eps", dataset="ring", net="mlp", net_config=MLPConfig(hidden=256, layers=3).to_dict(),
+                       objective="ddpm_eps", schedule="linear", T=1000, steps=6000, batch_size=512, lr=2e-3,
+                       warmup_steps=100, ema_decay=0.995, train_subset=50_000, precision="fp32", checkpoint_every=1000)
+RING_EPS_SMOKE = RING_EPS.replace(name="ring_eps_smoke", steps=200, net_config=MLPConfig(hidden=64, layers=2).to_dict(),
+                                  checkpoint_every=100)
+RING_EPS_FULL = RING_EPS.replace(name="ring_eps_full", steps=40_000, lr=1e-3, ema_decay=0.999, checkpoint_every=5000)
+
+CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL,
+                                                       RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL)}

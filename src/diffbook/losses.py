@@ -26,4 +26,14 @@ def ddpm_eps_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, gen
     return (net(x_t, t.float(), y).float() - noise).pow(2).mean()
 
 
+def denoising_score_matching_loss(score: Callable[[torch.Tensor, float], torch.Tensor], x0: torch.Tensor, sigma: float,
+                                  generator: torch.Generator) -> torch.Tensor:
+    r"""Vincent (2011) at one noise level, weighted by :math:`\sigma^2`:
+    :math:`\mathbb{E}\,\lVert \sigma\,s(x_0 + \sigma\varepsilon, \sigma) + \varepsilon\rVert^2`
+    :math:`= \sigma^2\,\mathbb{E}\,\lVert s(\tilde x) - \nabla_{\tilde x}\log q_\sigma(\tilde x\mid x_0)\rVert^2`.
+    Its minimiser over all functions is :math:`\nabla\log p_\sigma`, the score of the noised data."""
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    return (sigma * score(x0 + sigma * noise, sigma) + noise).pow(2).sum(dim=tuple(range(1, x0.ndim))).mean()
+
+
 OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss}

@@ -12,12 +12,12 @@ on CPU, as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
 import hashlib
 import json
-import contextlib
 import os
 import signal
 import sys
@@ -38,6 +38,7 @@ from .losses import OBJECTIVES
 from .nets import build_net, count_parameters
 from .schedules import NoiseSchedule
 from .storage import atomic_torch_save, atomic_write_text, cache_dir, checkpoints_dir, sha256_file
+from .toy import TOY_DATASETS, toy_samples
 
 # Fields that do not change the trained weights, and so do not change a run's identity.
 _NOT_IDENTITY = ("checkpoint_every",)
@@ -136,6 +137,8 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tenso
 
 
 def _load_training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if config.dataset in TOY_DATASETS:  # 2-D toy data: a fixed sample of train_subset points
+        return toy_samples(config.dataset, config.train_subset or 100_000, seed=config.seed), None
     dataset = load_dataset(config.dataset, "train")
     images = dataset.tensor()
     labels = torch.from_numpy(dataset.labels)

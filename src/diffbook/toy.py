@@ -1,0 +1,112 @@
+r"""Gaussian mixtures in any dimension: the book's toy data, with exact densities and exact scores.
+
+A mixture stays a mixture under the forward process: if :math:`x_0 \sim \sum_k w_k N(\mu_k, \Sigma_k)` then
+:math:`a x_0 + s\varepsilon \sim \sum_k w_k N(a\mu_k, a^2\Sigma_k + s^2 I)`. So the score of the noised data,
+which a network can only approximate on images, is known in closed form here:
+
+.. math::
+    \nabla_x \log p(x) = \sum_k r_k(x)\, C_k^{-1}(m_k - x),\qquad
+    r_k(x) = \frac{w_k N(x; m_k, C_k)}{\sum_j w_j N(x; m_j, C_j)} .
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """:math:`\\sum_k w_k N(\\mu_k, \\Sigma_k)` with ``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d); float64."""
+
+    weights: torch.Tensor
+    means: torch.Tensor
+    covs: torch.Tensor
+
+    def __post_init__(self) -> None:
+        k, d = self.means.shape if self.means.ndim == 2 else (None, None)
+        if k is None or self.weights.shape != (k,) or self.covs.shape != (k, d, d):
+            raise ValueError(f"expected weights (K,), means (K, d), covs (K, d, d); got {tuple(self.weights.shape)}, "
+                             f"{tuple(self.means.shape)}, {tuple(self.covs.shape)}")
+        if (self.weights < 0).any() or abs(self.weights.sum().item() - 1) > 1e-9:
+            raise ValueError("weights must be non-negative and sum to 1")
+
+    @classmethod
+    def isotropic(cls, means, std: float | list[float], weights=None) -> "GaussianMixture":
+        """Components :math:`N(\\mu_k, s_k^2 I)`; equal weights unless given."""
+        means = torch.as_tensor(means, dtype=torch.float64)
+        k, d = means.shape
+        stds = torch.as_tensor(std, dtype=torch.float64).expand(k)
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        covs = stds[:, None, None] ** 2 * torch.eye(d, dtype=torch.float64)
+        return cls(weights, means, covs)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.weights @ self.means
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Law of total covariance: :math:`\\sum_k w_k(\\Sigma_k + \\mu_k\\mu_k^\\top) - \\mu\\mu^\\top`."""
+        second = (self.weights[:, None, None] * (self.covs + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        return second - torch.outer(self.mean, self.mean)
+
+    def noised(self, signal: float, noise: float) -> "GaussianMixture":
+        """The law of ``signal * x0 + noise * eps`` for ``x0`` from this mixture and ``eps ~ N(0, I)``."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        return GaussianMixture(self.weights, signal * self.means, signal**2 * self.covs + noise**2 * eye)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        components = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        chol = torch.linalg.cholesky(self.covs)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[components] + (chol[components] @ z[:, :, None])[:, :, 0]
+
+    def _component_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-component log w_k N(x; m_k, C_k) (n, K) and C_k^{-1}(m_k - x) (n, K, d)."""
+        x = x.to(torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected points of shape (n, {self.dim}), got {tuple(x.shape)}")
+        chol = torch.linalg.cholesky(self.covs)
+        diff = self.means[None] - x[:, None]  # (n, K, d)
+        solved = torch.cholesky_solve(diff[..., None].transpose(0, 1), chol[:, None]).squeeze(-1).transpose(0, 1)
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        quad = (diff * solved).sum(-1)
+        log_terms = torch.log(self.weights)[None] - 0.5 * (quad + log_det[None] + self.dim * math.log(2 * math.pi))
+        return log_terms, solved
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self._component_terms(x)[0], dim=1)
+
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior probabilities of the components, :math:`r_k(x)`, shape (n, K)."""
+        return torch.softmax(self._component_terms(x)[0], dim=1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`\\nabla_x \\log p(x)`, exact; shape (n, d), float64."""
+        log_terms, solved = self._component_terms(x)
+        return (torch.softmax(log_terms, dim=1)[..., None] * solved).sum(1)
+
+
+def ring_mixture(radius: float = 4.0, std: float = 0.4) -> GaussianMixture:
+    """The book's standard 2-D example: eight well-separated components on a circle, unequal weights."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    weights = torch.tensor([3, 1, 2, 1, 3, 1, 2, 1], dtype=torch.float64)
+    return GaussianMixture.isotropic(means, std, weights / weights.sum())
+
+
+TOY_DATASETS = {"ring": ring_mixture}
+
+
+def toy_samples(name: str, n: int, seed: int) -> torch.Tensor:
+    """``n`` float32 samples of the named toy distribution (a fixed seed: the same training set every time)."""
+    if name not in TOY_DATASETS:
+        raise ValueError(f"unknown toy dataset {name!r}: expected one of {', '.join(TOY_DATASETS)}")
+    return TOY_DATASETS[name]().sample(n, torch.Generator().manual_seed(seed)).float()
