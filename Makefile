@@ -36,7 +36,7 @@ book: $(STAMP) data $(MATHJAX)
 	DIFFBOOK_PROFILE=default $(BIN)/jupyter-book build $(JB_FLAGS) .
 	@echo "open _build/html/index.html"
 
-pytest: $(STAMP)
+pytest: $(STAMP) data
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 nbval: $(STAMP) data
