@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 
@@ -69,6 +70,10 @@ class VESDE:
         return torch.ones_like(t), (self.sigma(t) ** 2 - self.sigma_min**2).sqrt()
 
 
+SDE = Union[VPSDE, VESDE]  # SubVPSDE is a VPSDE
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _time_grid(n_steps: int, t_end: float) -> torch.Tensor:
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -76,7 +81,7 @@ def _time_grid(n_steps: int, t_end: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reverse_sde_euler_maruyama(sde, score, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
+def reverse_sde_euler_maruyama(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
                                t_end: float = 1e-3) -> torch.Tensor:
     r"""Integrate the reverse-time SDE (Anderson 1982) from t = 1 to ``t_end`` with Euler–Maruyama:
     :math:`dx = [f(t)x - g(t)^2\nabla\log p_t(x)]\,dt + g(t)\,d\bar W`, stepping backwards in time.
@@ -94,7 +99,7 @@ def reverse_sde_euler_maruyama(sde, score, x: torch.Tensor, n_steps: int, genera
 
 
 @torch.no_grad()
-def probability_flow_euler(sde, score, x: torch.Tensor, n_steps: int, t_end: float = 1e-3) -> torch.Tensor:
+def probability_flow_euler(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, t_end: float = 1e-3) -> torch.Tensor:
     r"""Integrate the probability-flow ODE :math:`dx/dt = f(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)` from t = 1
     to ``t_end`` with Euler steps. Deterministic: the same ``x`` gives the same output."""
     grid = _time_grid(n_steps, t_end)
@@ -107,7 +112,7 @@ def probability_flow_euler(sde, score, x: torch.Tensor, n_steps: int, t_end: flo
 
 
 @torch.no_grad()
-def predictor_corrector(sde, score, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
+def predictor_corrector(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
                         corrector_steps: int = 1, snr: float = 0.16, t_end: float = 1e-3) -> torch.Tensor:
     r"""Song et al. (2021), Algorithm 2: at each time, ``corrector_steps`` Langevin steps with the score at that
     time (step size :math:`\epsilon = 2(r\,\overline{\lVert z\rVert}/\overline{\lVert s\rVert})^2`, norms averaged over
