@@ -31,5 +31,23 @@ RING_EPS_SMOKE = RING_EPS.replace(name="ring_eps_smoke", steps=200, net_config=M
                                   checkpoint_every=100)
 RING_EPS_FULL = RING_EPS.replace(name="ring_eps_full", steps=40_000, lr=1e-3, ema_decay=0.999, checkpoint_every=5000)
 
-CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL,
-                                                       RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL)}
+# Chapter 4: the same networks trained with flow matching on the linear path.
+MNIST_FM = MNIST_DDPM.replace(name="mnist_fm", objective="flow_matching")
+MNIST_FM_SMOKE = MNIST_DDPM_SMOKE.replace(name="mnist_fm_smoke", objective="flow_matching")
+MNIST_FM_FULL = MNIST_DDPM_FULL.replace(name="mnist_fm_full", objective="flow_matching")
+
+RING_FM = RING_EPS.replace(name="ring_fm", objective="flow_matching")
+RING_FM_SMOKE = RING_EPS_SMOKE.replace(name="ring_fm_smoke", objective="flow_matching")
+RING_FM_FULL = RING_EPS_FULL.replace(name="ring_fm_full", objective="flow_matching")
+
+# One reflow step: flow matching on the (data, noise) pairs that ring_fm's ODE couples (dataset "reflow:<parent>").
+RING_REFLOW = RING_FM.replace(name="ring_reflow", dataset="reflow:ring_fm", objective="reflow", train_subset=20_000)
+RING_REFLOW_SMOKE = RING_FM_SMOKE.replace(name="ring_reflow_smoke", dataset="reflow:ring_fm_smoke", objective="reflow",
+                                          train_subset=2_000)
+RING_REFLOW_FULL = RING_FM_FULL.replace(name="ring_reflow_full", dataset="reflow:ring_fm_full", objective="reflow",
+                                        train_subset=100_000)
+
+CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (
+    MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL, RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL,
+    MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL, RING_FM, RING_FM_SMOKE, RING_FM_FULL,
+    RING_REFLOW, RING_REFLOW_SMOKE, RING_REFLOW_FULL)}

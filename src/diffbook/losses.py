@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .interpolants import Interpolant, LinearInterpolant
 from .schedules import NoiseSchedule
 
 Objective = Callable[[nn.Module, torch.Tensor, NoiseSchedule, torch.Generator, "torch.Tensor | None"], torch.Tensor]
@@ -36,4 +37,31 @@ def denoising_score_matching_loss(score: Callable[[torch.Tensor, float], torch.T
     return (sigma * score(x0 + sigma * noise, sigma) + noise).pow(2).sum(dim=tuple(range(1, x0.ndim))).mean()
 
 
-OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss}
+def flow_matching_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                       y: torch.Tensor | None = None, *, interpolant: Interpolant = LinearInterpolant(),
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Conditional flow matching (Lipman et al. 2023):
+    :math:`\mathbb{E}_{t\sim U(0,1),\,x_0,\,\varepsilon}\lVert v_\theta(x_t, t) - (\dot\alpha_t x_0 + \dot\sigma_t\varepsilon)\rVert^2`,
+    averaged over pixels; on the linear path the target is :math:`\varepsilon - x_0`. The network sees time
+    :math:`T t` (``schedule.T``), the scale DDPM networks see. ``noise`` pairs each ``x0`` with a given
+    endpoint instead of fresh Gaussian noise (reflow)."""
+    t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator)
+    noise, t = noise.to(x0.device), t.to(x0.device)
+    x_t = interpolant.sample(x0, noise, t)
+    target = interpolant.conditional_velocity(x0, noise, t)
+    return (net(x_t, (schedule.T * t).float(), y).float() - target).pow(2).mean()
+
+
+def reflow_loss(net: nn.Module, pairs: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Flow matching on a fixed coupling (Liu et al. 2023): ``pairs[:, 0]`` is data, ``pairs[:, 1]`` the noise the
+    previous flow mapped to it. Straight lines between coupled points make the next flow straighter."""
+    if pairs.ndim < 3 or pairs.shape[1] != 2:
+        raise ValueError(f"reflow expects pairs of shape (batch, 2, ...), got {tuple(pairs.shape)}")
+    return flow_matching_loss(net, pairs[:, 0], schedule, generator, y, noise=pairs[:, 1])
+
+
+OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss, "flow_matching": flow_matching_loss,
+                                    "reflow": reflow_loss}

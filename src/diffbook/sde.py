@@ -18,6 +18,8 @@ from typing import Callable, Union
 
 import torch
 
+from .interpolants import Interpolant
+
 
 @dataclass(frozen=True)
 class VPSDE:
@@ -70,23 +72,23 @@ class VESDE:
         return torch.ones_like(t), (self.sigma(t) ** 2 - self.sigma_min**2).sqrt()
 
 
-SDE = Union[VPSDE, VESDE]  # SubVPSDE is a VPSDE
+SDE = Union[VPSDE, VESDE, Interpolant]  # SubVPSDE is a VPSDE; an Interpolant has drift_coef and diffusion too
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _time_grid(n_steps: int, t_end: float) -> torch.Tensor:
+def _time_grid(n_steps: int, t_end: float, t_start: float = 1.0) -> torch.Tensor:
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    return torch.linspace(1.0, t_end, n_steps + 1, dtype=torch.float64)
+    return torch.linspace(t_start, t_end, n_steps + 1, dtype=torch.float64)
 
 
 @torch.no_grad()
 def reverse_sde_euler_maruyama(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
-                               t_end: float = 1e-3) -> torch.Tensor:
-    r"""Integrate the reverse-time SDE (Anderson 1982) from t = 1 to ``t_end`` with Euler–Maruyama:
+                               t_end: float = 1e-3, t_start: float = 1.0) -> torch.Tensor:
+    r"""Integrate the reverse-time SDE (Anderson 1982) from ``t_start`` to ``t_end`` with Euler–Maruyama:
     :math:`dx = [f(t)x - g(t)^2\nabla\log p_t(x)]\,dt + g(t)\,d\bar W`, stepping backwards in time.
     The last step adds no noise."""
-    grid = _time_grid(n_steps, t_end)
+    grid = _time_grid(n_steps, t_end, t_start)
     for i in range(n_steps):
         t, dt = grid[i], grid[i] - grid[i + 1]
         tt = torch.full((x.shape[0],), t.item(), dtype=x.dtype, device=x.device)
@@ -99,10 +101,11 @@ def reverse_sde_euler_maruyama(sde: SDE, score: ScoreFn, x: torch.Tensor, n_step
 
 
 @torch.no_grad()
-def probability_flow_euler(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, t_end: float = 1e-3) -> torch.Tensor:
-    r"""Integrate the probability-flow ODE :math:`dx/dt = f(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)` from t = 1
+def probability_flow_euler(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, t_end: float = 1e-3,
+                           t_start: float = 1.0) -> torch.Tensor:
+    r"""Integrate the probability-flow ODE :math:`dx/dt = f(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)` from ``t_start``
     to ``t_end`` with Euler steps. Deterministic: the same ``x`` gives the same output."""
-    grid = _time_grid(n_steps, t_end)
+    grid = _time_grid(n_steps, t_end, t_start)
     for i in range(n_steps):
         t, dt = grid[i], grid[i] - grid[i + 1]
         tt = torch.full((x.shape[0],), t.item(), dtype=x.dtype, device=x.device)

@@ -88,6 +88,19 @@ class GaussianMixture:
         """Posterior probabilities of the components, :math:`r_k(x)`, shape (n, K)."""
         return torch.softmax(self._component_terms(x)[0], dim=1)
 
+    def posterior_means(self, x: torch.Tensor, signal: float, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Exact :math:`(\mathbb{E}[x_0 \mid x], \mathbb{E}[\varepsilon \mid x])` for :math:`x = a x_0 + s\varepsilon`,
+        ``a`` = ``signal``, ``s`` = ``noise``: per component, with :math:`C_k = a^2\Sigma_k + s^2 I`,
+        :math:`\mathbb{E}[x_0 \mid x, k] = \mu_k + a\Sigma_k C_k^{-1}(x - a\mu_k)` and
+        :math:`\mathbb{E}[\varepsilon \mid x, k] = s\,C_k^{-1}(x - a\mu_k)`, averaged with the responsibilities.
+        Finite at both ends of a path, where converting a score would divide by zero."""
+        cov = signal**2 * self.covs + noise**2 * torch.eye(self.dim, dtype=self.covs.dtype)
+        centred = x.double()[:, None, :] - signal * self.means[None]  # (n, K, d)
+        solved = torch.linalg.solve(cov[None], centred.unsqueeze(-1)).squeeze(-1)  # C_k^{-1}(x - a mu_k)
+        x0_k = self.means[None] + signal * torch.einsum("kij,nkj->nki", self.covs, solved)
+        weights = self.noised(signal, noise).responsibilities(x.double())[:, :, None]
+        return (weights * x0_k).sum(1).to(x.dtype), (weights * noise * solved).sum(1).to(x.dtype)
+
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`\\nabla_x \\log p(x)`, exact; shape (n, d), float64."""
         log_terms, solved = self._component_terms(x)

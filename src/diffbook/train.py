@@ -136,7 +136,29 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tenso
     return out
 
 
+REFLOW_ODE_STEPS = 100  # Heun steps used to couple noise with data for reflow
+
+
+def reflow_pairs(parent: str, n: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n, 2, ...) pairs ``[ODE(noise), noise]``: the coupling a trained flow ``parent`` (a config name) defines,
+    integrated with :data:`REFLOW_ODE_STEPS` Heun steps from a seeded batch of noise."""
+    from .configs import CONFIGS  # configs imports this module
+    from .conversions import predictor_from_trained
+    from .ode import heun, time_grid
+    if parent not in CONFIGS:
+        raise ValueError(f"unknown reflow parent {parent!r}: expected a config name such as 'ring_fm'")
+    model = load_or_train(CONFIGS[parent], device=device)
+    parent_data = _load_training_data(CONFIGS[parent])[0]
+    noise = torch.randn((n,) + parent_data.shape[1:], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        data = heun(predictor_from_trained(model).velocity, noise.to(next(model.net.parameters()).device),
+                    time_grid(REFLOW_ODE_STEPS)).cpu()
+    return torch.stack([data, noise], dim=1)
+
+
 def _load_training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if config.dataset.startswith("reflow:"):
+        return reflow_pairs(config.dataset.removeprefix("reflow:"), config.train_subset or 10_000, config.seed), None
     if config.dataset in TOY_DATASETS:  # 2-D toy data: a fixed sample of train_subset points
         return toy_samples(config.dataset, config.train_subset or 100_000, seed=config.seed), None
     dataset = load_dataset(config.dataset, "train")
