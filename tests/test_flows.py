@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffbook.configs import MNIST_DDPM_SMOKE, MNIST_FM_SMOKE
-from diffbook.conversions import KINDS, Predictor, convert, from_x0_eps, predictor_from_trained, to_x0_eps
+from diffbook.conversions import KINDS, Predictor, change_path, convert, from_x0_eps, predictor_from_trained, to_x0_eps
 from diffbook.interpolants import LinearInterpolant, VPInterpolant
 from diffbook.likelihood import dequantize, density_bits_per_dim, ode_log_likelihood
 from diffbook.losses import flow_matching_loss, reflow_loss
@@ -160,3 +160,13 @@ def test_dequantised_bits_per_dim_of_a_uniform_density_is_eight():
     assert ((x - (images.float() / 127.5 - 1)).abs() <= 1 / 255 + 1e-6).all()
     uniform_log_density = torch.full((4,), 10 * torch.log(torch.tensor(255 / 256 / 2)).item(), dtype=torch.float64)
     torch.testing.assert_close(density_bits_per_dim(uniform_log_density, 10), torch.full((4,), 8.0, dtype=torch.float64))
+
+
+def test_changing_path_keeps_the_model():
+    for old, new in ((VPInterpolant(), LinearInterpolant()), (LinearInterpolant(), VPInterpolant())):
+        t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+        torch.testing.assert_close(old.time_of_ratio(old.sigma(t) / old.alpha(t)), t)
+        moved = change_path(exact_predictor(GAUSSIAN, old), new)
+        x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10)) * 2
+        for t_value, kind in itertools.product((0.1, 0.5, 0.9), ("eps", "velocity", "score")):  # one time per batch
+            torch.testing.assert_close(moved(x, t_value, kind), exact_predictor(GAUSSIAN, new)(x, t_value, kind))

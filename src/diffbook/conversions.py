@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .interpolants import Interpolant, LinearInterpolant, VPInterpolant
+from .interpolants import Interpolant, LinearInterpolant, VPInterpolant, broadcast
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
 
@@ -110,6 +110,24 @@ class Predictor:
 
     def score(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         return self(x, t, "score")
+
+
+def change_path(predictor: Predictor, interpolant: Interpolant) -> Predictor:
+    r"""The same model on another Gaussian path (Kingma et al. 2021; Karras et al. 2022).
+
+    Two paths with equal :math:`\sigma/\alpha` at times :math:`t` and :math:`t'` hold the same noisy data up to
+    scale: :math:`x = \alpha_t(x_0 + \tfrac{\sigma}{\alpha}\varepsilon) = \tfrac{\alpha_t}{\alpha'_{t'}}x'`. So the ε-prediction
+    carries over: :math:`\hat\varepsilon_\text{new}(x, t) = \hat\varepsilon(\tfrac{\alpha'_{t'}}{\alpha_t} x, t')`. Only times whose
+    ratio the old path reaches are meaningful (a VP path's largest ratio is finite; a linear path's is not)."""
+    old = predictor.interpolant
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        ratio = interpolant.sigma(t) / interpolant.alpha(t)
+        t_old = old.time_of_ratio(ratio)
+        return predictor(x * broadcast(old.alpha(t_old) / interpolant.alpha(t), x), t_old, "eps")
+
+    return Predictor(fn, "eps", interpolant)
 
 
 _OBJECTIVE_KIND = {"ddpm_eps": ("eps", VPInterpolant()), "flow_matching": ("velocity", LinearInterpolant()),

@@ -44,6 +44,10 @@ class Interpolant:
     def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def time_of_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
+        r"""The time at which :math:`\sigma_t/\alpha_t` (the inverse square root of the SNR) equals ``ratio``."""
+        raise NotImplementedError
+
     def coefficients(self, t: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         r""":math:`(\alpha_t, \sigma_t, \dot\alpha_t, \dot\sigma_t)`, each shaped to broadcast against ``like``."""
         t = _as_time(t).double()
@@ -91,6 +95,9 @@ class LinearInterpolant(Interpolant):
     def d_sigma(self, t):
         return torch.ones_like(t)
 
+    def time_of_ratio(self, ratio):
+        return ratio / (1 + ratio)
+
 
 @dataclass(frozen=True)
 class VPInterpolant(Interpolant):
@@ -113,6 +120,10 @@ class VPInterpolant(Interpolant):
 
     def d_sigma(self, t):
         return 0.5 * self._beta(t) * self.alpha(t) ** 2 / self.sigma(t)
+
+    def time_of_ratio(self, ratio):  # alpha^2 = 1 / (1 + ratio^2), i.e. B(t) = log(1 + ratio^2)
+        spread = self.beta_max - self.beta_min
+        return (-self.beta_min + (self.beta_min**2 + 2 * spread * torch.log1p(ratio**2)).sqrt()) / spread
 
 
 INTERPOLANTS: dict[str, Interpolant] = {"linear": LinearInterpolant(), "vp": VPInterpolant()}

@@ -88,6 +88,15 @@ class GaussianMixture:
         """Posterior probabilities of the components, :math:`r_k(x)`, shape (n, K)."""
         return torch.softmax(self._component_terms(x)[0], dim=1)
 
+    def mode_weights(self, samples: torch.Tensor) -> torch.Tensor:
+        """Fraction of ``samples`` assigned to each component (its most responsible one)."""
+        counts = torch.bincount(self.responsibilities(samples.double()).argmax(1), minlength=len(self.weights))
+        return counts.double() / counts.sum()
+
+    def mode_weight_tv(self, samples: torch.Tensor) -> float:
+        r"""Total variation :math:`\tfrac12\sum_k |\hat w_k - w_k|` between the samples' mode weights and the true ones."""
+        return 0.5 * (self.mode_weights(samples) - self.weights).abs().sum().item()
+
     def posterior_means(self, x: torch.Tensor, signal: float, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Exact :math:`(\mathbb{E}[x_0 \mid x], \mathbb{E}[\varepsilon \mid x])` for :math:`x = a x_0 + s\varepsilon`,
         ``a`` = ``signal``, ``s`` = ``noise``: per component, with :math:`C_k = a^2\Sigma_k + s^2 I`,
