@@ -5,7 +5,7 @@ checkpoint shipped under ``checkpoints/``, trained on a CPU) and ``*_full`` (the
 """
 from __future__ import annotations
 
-from .nets import MLPConfig, UNetConfig
+from .nets import ClassifierConfig, MLPConfig, UNetConfig
 from .train import TrainConfig
 
 _MNIST_UNET = UNetConfig().to_dict()
@@ -47,7 +47,18 @@ RING_REFLOW_SMOKE = RING_FM_SMOKE.replace(name="ring_reflow_smoke", dataset="ref
 RING_REFLOW_FULL = RING_FM_FULL.replace(name="ring_reflow_full", dataset="reflow:ring_fm_full", objective="reflow",
                                         train_subset=100_000)
 
+# The feature network of diffbook.metrics: a small CNN digit classifier (>= 99% test accuracy).
+MNIST_CLASSIFIER = TrainConfig(name="mnist_classifier", dataset="mnist", net="classifier",
+                               net_config=ClassifierConfig().to_dict(), objective="classification",
+                               class_conditional=True, steps=2000, batch_size=128, lr=1e-3, warmup_steps=100,
+                               ema_decay=0.999, precision="fp32", checkpoint_every=500)
+MNIST_CLASSIFIER_SMOKE = MNIST_CLASSIFIER.replace(
+    name="mnist_classifier_smoke", steps=30, batch_size=64, train_subset=2048, warmup_steps=5, checkpoint_every=10,
+    net_config=ClassifierConfig(channels=(8, 16), features=32).to_dict())
+FASHION_CLASSIFIER = MNIST_CLASSIFIER.replace(name="fashion_classifier", dataset="fashion_mnist", steps=4000)
+
 CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (
+    MNIST_CLASSIFIER, MNIST_CLASSIFIER_SMOKE, FASHION_CLASSIFIER,
     MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL, RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL,
     MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL, RING_FM, RING_FM_SMOKE, RING_FM_FULL,
     RING_REFLOW, RING_REFLOW_SMOKE, RING_REFLOW_FULL)}

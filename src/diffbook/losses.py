@@ -63,5 +63,14 @@ def reflow_loss(net: nn.Module, pairs: torch.Tensor, schedule: NoiseSchedule, ge
     return flow_matching_loss(net, pairs[:, 0], schedule, generator, y, noise=pairs[:, 1])
 
 
+def classification_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                        y: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of a classifier on clean images (the feature network of :mod:`diffbook.metrics`).
+    Needs labels: train it with ``class_conditional=True``."""
+    if y is None:
+        raise ValueError("the classification objective needs labels: set class_conditional=True in the config")
+    return nn.functional.cross_entropy(net(x0).float(), y)
+
+
 OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss, "flow_matching": flow_matching_loss,
-                                    "reflow": reflow_loss}
+                                    "reflow": reflow_loss, "classification": classification_loss}

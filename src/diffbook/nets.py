@@ -228,13 +228,63 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, timestep_embedding(t, self.config.time_dim)], dim=1))
 
 
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Shape of a :class:`Classifier`: two conv blocks, then a ``features``-wide penultimate layer."""
+
+    image_size: int = 28
+    in_channels: int = 1
+    channels: tuple[int, int] = (32, 64)
+    features: int = 128
+    num_classes: int = 10
+    dropout: float = 0.25
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClassifierConfig":
+        return cls(**{**values, "channels": tuple(values.get("channels", cls.channels))})
+
+
+class Classifier(nn.Module):
+    """A small CNN for 28x28 digits. :meth:`features` gives the penultimate layer, the space in which
+    :mod:`diffbook.metrics` measures sample quality (the role Inception features play in FID)."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.config = config
+        c1, c2 = config.channels
+        self.body = nn.Sequential(
+            nn.Conv2d(config.in_channels, c1, 3, padding=1), nn.GroupNorm(_groups(c1), c1), nn.SiLU(),
+            nn.Conv2d(c1, c1, 3, padding=1), nn.GroupNorm(_groups(c1), c1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.GroupNorm(_groups(c2), c2), nn.SiLU(),
+            nn.Conv2d(c2, c2, 3, padding=1), nn.GroupNorm(_groups(c2), c2), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(config.dropout),
+            nn.Linear(c2 * (config.image_size // 4) ** 2, config.features), nn.SiLU())
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.features, config.num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"expected images of shape (batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                             f"got {tuple(x.shape)}")
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits. ``t`` and ``y`` are accepted (and ignored) so the training loop can call every net alike."""
+        return self.head(self.features(x))
+
+
 def build_net(kind: str, config: dict) -> nn.Module:
-    """Construct a network from its name (``"unet"`` or ``"mlp"``) and a config dict (as stored in manifests)."""
+    """Construct a network from its name (``"unet"``, ``"mlp"`` or ``"classifier"``) and a config dict."""
     if kind == "unet":
         return UNet(UNetConfig.from_dict(config))
     if kind == "mlp":
         return TimeMLP(MLPConfig(**config))
-    raise ValueError(f"unknown network kind {kind!r}: expected 'unet' or 'mlp'")
+    if kind == "classifier":
+        return Classifier(ClassifierConfig.from_dict(config))
+    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp' or 'classifier'")
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -1,0 +1,57 @@
+"""Fast samplers against a closed form: on Gaussian-mixture data the exact eps is known."""
+import pytest
+import torch
+
+from diffbook.conversions import Predictor, from_x0_eps
+from diffbook.interpolants import LinearInterpolant, VPInterpolant
+from diffbook.samplers import karras_times, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe, uniform_times
+from diffbook.toy import GaussianMixture, ring_mixture
+
+GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
+                           torch.tensor([[[2.0, 0.6], [0.6, 0.5]]], dtype=torch.float64))
+
+
+def exact_eps(mixture, interpolant):
+    def eps(x, t):
+        alpha, sigma = interpolant.alpha(t[:1]).item(), interpolant.sigma(t[:1]).item()
+        return mixture.posterior_means(x, alpha, sigma)[1]
+    return Predictor(eps, "eps", interpolant)
+
+
+def test_karras_times_are_decreasing_and_hit_the_ends():
+    times = karras_times(VPInterpolant(), 10)
+    assert times[0] == 1.0 and times[-1] == 1e-3 and bool((times[1:] < times[:-1]).all())
+    with pytest.raises(ValueError, match="decreasing"):
+        sample_ddim(exact_eps(GAUSSIAN, VPInterpolant()), torch.zeros(2, 2), torch.tensor([0.1, 0.5]))
+
+
+@pytest.mark.parametrize("sampler,order", [(sample_ddim, 1), (sample_heun, 2), (sample_dpm_solver_pp_2m, 2)])
+def test_deterministic_samplers_converge_at_their_order(sampler, order):
+    mixture, path = ring_mixture(), VPInterpolant()
+    predictor = exact_eps(mixture, path)
+    noise = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = sample_heun(predictor, noise, karras_times(path, 1000))
+    error = lambda n: (sampler(predictor, noise, karras_times(path, n)) - reference).norm(dim=1).mean().item()
+    slope = torch.log2(torch.tensor(error(40) / error(80))).item()
+    assert abs(slope - order) < 0.35, slope
+
+
+@pytest.mark.parametrize("path", [VPInterpolant(), LinearInterpolant()])
+def test_samplers_reach_the_gaussian(path):
+    predictor = exact_eps(GAUSSIAN, path)
+    t_start = 1.0 if isinstance(path, VPInterpolant) else 0.999
+    noise = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    noise = noise * path.sigma(torch.tensor(t_start, dtype=torch.float64)).item()
+    for sampler, kwargs in ((sample_ddim, {}), (sample_ddim, {"eta": 1.0, "generator": torch.Generator().manual_seed(2)}),
+                            (sample_heun, {}), (sample_dpm_solver_pp_2m, {})):
+        x = sampler(predictor, noise, uniform_times(200, t_start=t_start, t_end=1e-3), **kwargs)
+        assert (x.mean(0) - GAUSSIAN.mean).abs().max() < 0.04, sampler
+        assert (torch.cov(x.T) - GAUSSIAN.covariance).abs().max() < 0.1, sampler  # sampling noise alone ~0.03
+
+
+def test_ddim_is_dpm_solver_first_order_and_linear_path_endpoint():
+    predictor, path = exact_eps(GAUSSIAN, VPInterpolant()), VPInterpolant()
+    noise = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    times = uniform_times(1)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
+    torch.testing.assert_close(sample_dpm_solver_pp_2m(predictor, noise, times), sample_ddim(predictor, noise, times))
+    assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) is None and steps_for_nfe("ddim", 5) == 5
