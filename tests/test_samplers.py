@@ -4,7 +4,8 @@ import torch
 
 from diffbook.conversions import Predictor, from_x0_eps
 from diffbook.interpolants import LinearInterpolant, VPInterpolant
-from diffbook.samplers import karras_times, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe, uniform_times
+from diffbook.samplers import (karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe,
+                               uniform_times)
 from diffbook.toy import GaussianMixture, ring_mixture
 
 GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
@@ -55,3 +56,16 @@ def test_ddim_is_dpm_solver_first_order_and_linear_path_endpoint():
     times = uniform_times(1)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
     torch.testing.assert_close(sample_dpm_solver_pp_2m(predictor, noise, times), sample_ddim(predictor, noise, times))
     assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) is None and steps_for_nfe("ddim", 5) == 5
+
+
+def test_nfe_sweep_spends_exactly_the_requested_evaluations():
+    calls = []
+    inner = exact_eps(GAUSSIAN, VPInterpolant())
+    counting = Predictor(lambda x, t: calls.append(1) or inner(x, t, "eps"), "eps", VPInterpolant())
+    noise = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rows, kept = nfe_sweep(counting, noise, (1, 4, 5), lambda x: float(x.mean()), keep=lambda name, nfe: nfe == 4,
+                           progress=False)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 1), ("ddim", 4), ("ddim", 5), ("heun", 4),
+                                                        ("dpm++2m", 1), ("dpm++2m", 4), ("dpm++2m", 5)]
+    assert len(calls) == sum(r["nfe"] for r in rows)
+    assert set(kept) == {("ddim", 4), ("heun", 4), ("dpm++2m", 4)}

@@ -132,3 +132,24 @@ def fd_floor(train_features: torch.Tensor, test_features: torch.Tensor, n: int, 
         idx = torch.randperm(len(test_features), generator=torch.Generator().manual_seed(seed))[:n]
         values.append(frechet_distance(GaussianStats.of(test_features[idx]), reference))
     return Floor(n, tuple(values))
+
+
+class QualityReference:
+    """A classifier and the statistics of the real data it is compared against: :meth:`fd` scores a set of
+    samples, :meth:`floor` says what real images of the same number would score."""
+
+    def __init__(self, classifier: nn.Module, train_images: torch.Tensor, test_images: torch.Tensor):
+        self.classifier = classifier
+        self.train_features = classifier_features(classifier, train_images)
+        self.test_features = classifier_features(classifier, test_images)
+        self.stats = GaussianStats.of(self.train_features)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return classifier_features(self.classifier, images)
+
+    def fd(self, images: torch.Tensor) -> float:
+        """Classifier Fréchet distance of ``images`` (in [-1, 1]) to the training set."""
+        return frechet_distance(GaussianStats.of(self.features(images)), self.stats)
+
+    def floor(self, n: int, seeds: int = 5) -> Floor:
+        return fd_floor(self.train_features, self.test_features, n, seeds)

@@ -14,11 +14,14 @@ probability-flow ODE is :math:`dy/d\rho = \hat\varepsilon(x_t, t)` (chapter 5):
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from .conversions import Predictor
+from .device import autocast, autocast_dtype
 from .interpolants import Interpolant
 
 
@@ -126,3 +129,24 @@ def steps_for_nfe(sampler: str, nfe: int) -> int | None:
     if sampler == "heun":
         return nfe // 2 if nfe % 2 == 0 else None
     return nfe
+
+
+def nfe_sweep(predictor: Predictor, x_T: torch.Tensor, nfes: list[int] | tuple[int, ...],
+              score: Callable[[torch.Tensor], float], samplers: dict | None = None,
+              keep: Callable[[str, int], bool] = lambda name, nfe: False, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run every sampler at every NFE it can spend exactly, on Karras times from the same ``x_T``, under the
+    device's autocast. Returns rows ``{sampler, nfe, steps, score, seconds_per_sample}`` and the samples for
+    which ``keep(name, nfe)`` is true."""
+    samplers = SAMPLERS if samplers is None else samplers
+    device, rows, kept = x_T.device, [], {}
+    jobs = [(name, nfe) for name in samplers for nfe in nfes if (steps_for_nfe(name, nfe) or 0) >= 1]
+    for name, nfe in tqdm(jobs, disable=not progress, desc="nfe sweep"):
+        steps = steps_for_nfe(name, nfe)
+        started = time.perf_counter()
+        with autocast(device, autocast_dtype(device)):
+            out = samplers[name](predictor, x_T, karras_times(predictor.interpolant, steps)).float().clamp(-1, 1)
+        seconds = (time.perf_counter() - started) / len(x_T)
+        rows.append({"sampler": name, "nfe": nfe, "steps": steps, "score": score(out), "seconds_per_sample": seconds})
+        if keep(name, nfe):
+            kept[(name, nfe)] = out
+    return rows, kept
