@@ -1,0 +1,195 @@
+r"""Analytic denoisers and sensitivity fields for the locality chapter (Lukoianov et al. 2025).
+
+Setting: DDPM's discrete forward process :math:`x_t = \sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon` and
+:math:`\sigma_t^2 = (1-\bar\alpha_t)/\bar\alpha_t`. Images are flattened to vectors of :math:`d` pixels. Every denoiser
+here maps ``(x_t (batch, d), alpha_bar_t)`` to :math:`\hat x_0` (batch, d).
+
+- :func:`optimal_denoiser`: the posterior mean over the empirical training distribution (exact, streaming).
+- :class:`WienerFilter`: the optimal linear denoiser, :math:`\mu + U\,\mathrm{diag}(\lambda/(\lambda+\sigma_t^2))U^\top(x_t/\sqrt{\bar\alpha_t} - \mu)`.
+- :func:`analytic_masks`, :func:`analytic_denoiser`: the paper's denoiser, a per-pixel posterior mean over
+  the training set restricted to the pixels the Wiener filter's sensitivity field keeps.
+- :func:`sensitivity_field`: the averaged absolute Jacobian row of any denoiser, by autograd.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _check_flat(x: torch.Tensor, d: int, name: str = "x_t") -> None:
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"expected {name} of shape (batch, {d}) (flattened images), got {tuple(x.shape)}")
+
+
+def _streaming_posterior_mean(logits_fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor,
+                              chunk: int) -> torch.Tensor:
+    """:math:`\\sum_i \\mathrm{softmax}_i(\\ell)\\,v_i` over the rows of ``values`` in chunks, with a running
+    log-sum-exp, so memory stays O(batch x chunk) whatever the training-set size."""
+    running_max = running_sum = weighted = None
+    for start in range(0, len(values), chunk):
+        block = values[start:start + chunk]
+        logits = logits_fn(block)  # (batch, n_block)
+        block_max = logits.max(dim=1, keepdim=True).values
+        new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
+        weights = torch.exp(logits - new_max)
+        if running_max is None:
+            running_sum, weighted = weights.sum(1, keepdim=True), weights @ block
+        else:
+            rescale = torch.exp(running_max - new_max)
+            running_sum = running_sum * rescale + weights.sum(1, keepdim=True)
+            weighted = weighted * rescale + weights @ block
+        running_max = new_max
+    return weighted / running_sum
+
+
+def optimal_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    r"""The exact posterior mean when the data distribution is the training set itself:
+    :math:`\hat x_0 = \sum_i w_i x^{(i)}`, :math:`w = \mathrm{softmax}_i\big(-\lVert x_t - \sqrt{\bar\alpha_t}x^{(i)}\rVert^2 / (2(1-\bar\alpha_t))\big)`.
+    No nearest-neighbour truncation: every training image contributes (float64 throughout)."""
+    _check_flat(x_t, train.shape[1])
+    x = x_t.double()
+    scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
+
+    def logits(block: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(x, scale * block, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / (2 * var)
+
+    return _streaming_posterior_mean(logits, train.double(), chunk).to(x_t.dtype)
+
+
+def nearest_training_image(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor) -> torch.Tensor:
+    r"""The training image closest to :math:`x_t/\sqrt{\bar\alpha_t}`: the zero-temperature limit of :func:`optimal_denoiser`."""
+    _check_flat(x_t, train.shape[1])
+    index = torch.cdist(x_t.double() / math.sqrt(alpha_bar), train.double()).argmin(1)
+    return train[index].to(x_t.dtype)
+
+
+@dataclass
+class WienerFilter:
+    """Mean ``mu`` (d,), eigenvalues ``lam`` (d,) and eigenvectors ``U`` (d, d) of the training covariance, float64."""
+
+    mu: torch.Tensor
+    lam: torch.Tensor
+    U: torch.Tensor
+
+    @classmethod
+    def fit(cls, train: torch.Tensor) -> "WienerFilter":
+        """Fit to flattened training images (n, d): unbiased covariance, symmetric eigendecomposition."""
+        if train.ndim != 2 or len(train) < 2:
+            raise ValueError(f"expected training data of shape (n >= 2, d), got {tuple(train.shape)}")
+        data = train.double()
+        mu = data.mean(0)
+        centred = data - mu
+        cov = centred.T @ centred / (len(data) - 1)
+        lam, U = torch.linalg.eigh(cov)
+        return cls(mu, lam.clamp_min(0), U)
+
+    @staticmethod
+    def sigma2(alpha_bar: float) -> float:
+        return (1 - alpha_bar) / alpha_bar
+
+    def gains(self, alpha_bar: float) -> torch.Tensor:
+        r"""Per-component gain :math:`\lambda/(\lambda + \sigma_t^2)`, close to :math:`1[\lambda > \sigma_t^2]`."""
+        return self.lam / (self.lam + self.sigma2(alpha_bar))
+
+    def matrix(self, alpha_bar: float) -> torch.Tensor:
+        r""":math:`W_t = \Sigma(\Sigma + \sigma_t^2 I)^{-1} = U\,\mathrm{diag}(\text{gains})\,U^\top` (d, d)."""
+        return (self.U * self.gains(alpha_bar)) @ self.U.T
+
+    def jacobian(self, alpha_bar: float) -> torch.Tensor:
+        r""":math:`\partial\hat x_0/\partial x_t = W_t/\sqrt{\bar\alpha_t}`, the same for every input: its rows are the sensitivity fields."""
+        return self.matrix(alpha_bar) / math.sqrt(alpha_bar)
+
+    def __call__(self, x_t: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+        _check_flat(x_t, len(self.mu))
+        centred = x_t.double() / math.sqrt(alpha_bar) - self.mu
+        return (self.mu + ((centred @ self.U) * self.gains(alpha_bar)) @ self.U.T).to(x_t.dtype)
+
+
+def analytic_masks(wiener: WienerFilter, alpha_bar: float, theta: float) -> torch.Tensor:
+    r"""Boolean (d_in, d_out) masks of the paper's denoiser: :math:`W_t` with entry :math:`(n, m)` divided by the
+    input pixel's diagonal :math:`W_{nn}` (diagonals below 1e-6 count as 1), kept where its magnitude is at least
+    ``theta`` times the global maximum. Column :math:`m` lists the input pixels that output pixel :math:`m` looks at."""
+    W = wiener.matrix(alpha_bar)
+    diagonal = W.diagonal().clone()
+    diagonal[diagonal.abs() < 1e-6] = 1.0
+    normalised = (W / diagonal[:, None]).abs()
+    return normalised >= theta * normalised.max()
+
+
+def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, masks: torch.Tensor,
+                      batch_size: int | None = None, chunk: int = 2048) -> torch.Tensor:
+    r"""The paper's analytic denoiser. For each output pixel :math:`m`, a posterior mean over training images whose
+    distance counts only the masked input pixels :math:`n \in M_m`:
+
+    .. math::
+        \hat x_{0,m} = \sum_i \mathrm{softmax}_i\Big(-\frac{\sum_{n\in M_m}(x_{t,n} - \sqrt{\bar\alpha_t}x^{(i)}_n)^2}{2(1-\bar\alpha_t)}\Big)\,x^{(i)}_m .
+
+    ``batch_size=None`` is this formula (one softmax over the whole training set). An integer reproduces the
+    authors' released code instead: the softmax is taken within consecutive batches of that many training
+    images and the per-batch results are averaged, which is a different estimator."""
+    d = train.shape[1]
+    _check_flat(x_t, d)
+    if masks.shape != (d, d):
+        raise ValueError(f"expected masks of shape ({d}, {d}), got {tuple(masks.shape)}")
+    x, data = x_t.double(), train.double()
+    scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
+    M = masks.double()
+    x_sq = (x**2) @ M  # (batch, d_out): sum over masked n of x_n^2
+
+    def masked_logits(block: torch.Tensor) -> torch.Tensor:  # (batch, n_block, d_out)
+        cross = torch.einsum("bn,in,nm->bim", x, block, M)
+        block_sq = (block**2) @ M
+        return -(x_sq[:, None, :] - 2 * scale * cross + scale**2 * block_sq[None]) / (2 * var)
+
+    def posterior(pool: torch.Tensor) -> torch.Tensor:
+        running_max = running_sum = weighted = None
+        for start in range(0, len(pool), chunk):
+            block = pool[start:start + chunk]
+            logits = masked_logits(block)
+            block_max = logits.max(dim=1, keepdim=True).values
+            new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
+            weights = torch.exp(logits - new_max)  # (batch, n_block, d_out)
+            contribution = (weights * block[None]).sum(1)
+            if running_max is None:
+                running_sum, weighted = weights.sum(1, keepdim=True), contribution[:, None]
+            else:
+                rescale = torch.exp(running_max - new_max)
+                running_sum = running_sum * rescale + weights.sum(1, keepdim=True)
+                weighted = weighted * rescale + contribution[:, None]
+            running_max = new_max
+        return (weighted / running_sum)[:, 0]
+
+    if batch_size is None:
+        out = posterior(data)
+    else:
+        parts = [posterior(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
+        out = torch.stack(parts).mean(0)
+    return out.to(x_t.dtype)
+
+
+def sensitivity_field(denoiser: Denoiser, x_t: torch.Tensor, alpha_bar: float, pixel: int) -> torch.Tensor:
+    r""":math:`\mathbb E\,\lvert\partial\hat x_{0,\text{pixel}}/\partial x_t\rvert` over the batch ``x_t`` (d,): one
+    vector-Jacobian product per sample (autograd through ``denoiser``)."""
+    x = x_t.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = denoiser(x, alpha_bar)
+        (grad,) = torch.autograd.grad(out[:, pixel].sum(), x)
+    return grad.abs().mean(0).detach()
+
+
+def field_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two non-negative sensitivity fields (1 = same shape, scale ignored)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def r_squared(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    r"""Per image, :math:`r^2 = 1 - \sum_p (x_p - u_p)^2 / (d\,\mathrm{Var}(u))` with :math:`u` the ``reference``
+    (e.g. the U-Net's sample) and Var the unbiased variance over its pixels."""
+    x, u = x.flatten(1).double(), reference.flatten(1).double()
+    return 1 - (x - u).pow(2).sum(1) / (u.shape[1] * u.var(dim=1, unbiased=True))

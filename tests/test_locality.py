@@ -1,0 +1,93 @@
+"""Denoisers of the locality chapter against closed forms and brute force."""
+import math
+
+import pytest
+import torch
+
+from diffbook.locality import (WienerFilter, analytic_denoiser, analytic_masks, field_agreement, nearest_training_image,
+                               optimal_denoiser, r_squared, sensitivity_field)
+from diffbook.toy import GaussianMixture
+
+
+def brute_force_posterior_mean(x_t, alpha_bar, train):
+    logits = -((x_t[:, None, :] - math.sqrt(alpha_bar) * train[None]) ** 2).sum(-1) / (2 * (1 - alpha_bar))
+    return torch.softmax(logits, dim=1) @ train
+
+
+def test_optimal_denoiser_is_the_exact_softmax_whatever_the_chunk():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(300, 6, generator=gen, dtype=torch.float64) * 2 - 1
+    x_t = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    for alpha_bar in (0.99, 0.5, 0.01):
+        expected = brute_force_posterior_mean(x_t, alpha_bar, train)
+        for chunk in (7, 300, 1000):
+            torch.testing.assert_close(optimal_denoiser(x_t, alpha_bar, train, chunk=chunk), expected)
+    # low noise: the posterior collapses onto the nearest training image (memorisation)
+    noisy = math.sqrt(0.9999) * train[:4] + math.sqrt(1e-4) * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(optimal_denoiser(noisy, 0.9999, train), train[:4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(nearest_training_image(noisy, 0.9999, train), train[:4])
+
+
+def test_wiener_filter_is_the_posterior_mean_on_gaussian_data():
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    cov, mean = A @ A.T / 5 + 0.1 * torch.eye(5, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    gaussian = GaussianMixture(torch.ones(1, dtype=torch.float64), mean[None], cov[None])
+    wiener = WienerFilter(mean, *torch.linalg.eigh(cov))
+    x_t = torch.randn(50, 5, generator=gen, dtype=torch.float64)
+    for alpha_bar in (0.9, 0.3, 0.02):
+        exact = gaussian.posterior_means(x_t, math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar))[0]
+        torch.testing.assert_close(wiener(x_t, alpha_bar), exact)
+        sigma2 = (1 - alpha_bar) / alpha_bar  # W_t = Sigma (Sigma + sigma^2 I)^-1
+        torch.testing.assert_close(wiener.matrix(alpha_bar), cov @ torch.linalg.inv(cov + sigma2 * torch.eye(5, dtype=torch.float64)))
+
+
+def test_fitted_wiener_filter_recovers_the_sample_statistics():
+    train = torch.randn(400, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) @ torch.diag(
+        torch.tensor([2.0, 1.0, 0.5, 0.1], dtype=torch.float64))
+    wiener = WienerFilter.fit(train)
+    torch.testing.assert_close((wiener.U * wiener.lam) @ wiener.U.T, torch.cov(train.T))
+    with pytest.raises(ValueError, match="expected x_t"):
+        wiener(torch.zeros(3, 5), 0.5)
+
+
+def test_sensitivity_field_of_the_wiener_filter_is_its_jacobian_row():
+    train = torch.randn(200, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    wiener = WienerFilter.fit(train)
+    x_t = torch.randn(8, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    field = sensitivity_field(wiener, x_t, 0.3, pixel=4)
+    torch.testing.assert_close(field, wiener.jacobian(0.3)[4].abs())  # W is symmetric: row = column
+    assert field_agreement(field, 3 * field) == pytest.approx(1.0)
+
+
+def test_analytic_denoiser_with_full_masks_is_the_optimal_denoiser():
+    gen = torch.Generator().manual_seed(5)
+    train = torch.rand(120, 8, generator=gen, dtype=torch.float64) * 2 - 1
+    x_t = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    full = torch.ones(8, 8, dtype=torch.bool)
+    torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, full, chunk=50), optimal_denoiser(x_t, 0.4, train))
+    # single-pixel masks: each output pixel is a 1-D posterior mean of that pixel alone
+    eye = torch.eye(8, dtype=torch.bool)
+    per_pixel = torch.stack([brute_force_posterior_mean(x_t[:, m:m + 1], 0.4, train[:, m:m + 1])[:, 0] for m in range(8)], 1)
+    torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, eye), per_pixel)
+    # the released code's batch-averaged variant: one batch = exact; several = an average of batch posteriors
+    torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, eye, batch_size=1000), per_pixel)
+    batched = analytic_denoiser(x_t, 0.4, train, eye, batch_size=60)
+    expected = (analytic_denoiser(x_t, 0.4, train[:60], eye) + analytic_denoiser(x_t, 0.4, train[60:], eye)) / 2
+    torch.testing.assert_close(batched, expected)
+
+
+def test_analytic_masks_grow_with_noise():
+    side = 8
+    coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2).double()
+    cov = torch.exp(-torch.cdist(coords, coords) ** 2 / 8)  # smooth stationary "image" statistics
+    wiener = WienerFilter(torch.zeros(side * side, dtype=torch.float64), *torch.linalg.eigh(cov))
+    sizes = [analytic_masks(wiener, alpha_bar, 0.05).sum(0).double().mean().item() for alpha_bar in (0.99, 0.5, 0.05)]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_r_squared_is_one_for_identical_images_and_zero_for_the_mean():
+    u = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(r_squared(u, u), torch.ones(3, dtype=torch.float64))
+    mean_image = u.flatten(1).mean(1)[:, None].expand(3, 16)
+    torch.testing.assert_close(r_squared(mean_image, u), torch.full((3,), 1 / 16, dtype=torch.float64))
