@@ -91,3 +91,27 @@ def test_r_squared_is_one_for_identical_images_and_zero_for_the_mean():
     torch.testing.assert_close(r_squared(u, u), torch.ones(3, dtype=torch.float64))
     mean_image = u.flatten(1).mean(1)[:, None].expand(3, 16)
     torch.testing.assert_close(r_squared(mean_image, u), torch.full((3,), 1 / 16, dtype=torch.float64))
+
+
+def test_ddim_protocol_follows_the_paper_and_replays_states():
+    from diffbook.locality import PAPER_TIMESTEPS, ddim_protocol, flat_denoiser, w_pattern, add_pattern
+    from diffbook.schedules import NoiseSchedule
+    schedule = NoiseSchedule.linear(1000)
+    target = torch.full((2, 1, 4, 4), 0.3)
+    calls = []
+
+    def constant(x, k):
+        calls.append(k)
+        return torch.full_like(x, 2.0) if k == 901 else target  # the first guess is clipped to 1
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    trace = ddim_protocol(constant, x_T, schedule)
+    assert calls == [t + 1 for t in PAPER_TIMESTEPS] == list(range(901, 0, -100))
+    assert trace.x0_hats[0].max() == 1.0 and torch.equal(trace.final, target)  # the last step lands on x0_hat
+    replay = ddim_protocol(constant, x_T, schedule, states=[s + 1 for s in trace.states])
+    assert all(torch.equal(a, b + 1) for a, b in zip(replay.states, trace.states))
+    wiener = WienerFilter(torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64), torch.eye(16, dtype=torch.float64))
+    assert ddim_protocol(flat_denoiser(wiener, schedule), x_T, schedule).final.shape == x_T.shape
+    pattern = w_pattern(28)
+    assert pattern.sum() > 100 and pattern[:, :7].sum() > 0 and pattern[:, -7:].sum() > 0  # spans the image
+    planted = add_pattern(torch.zeros(100, 1, 28, 28), pattern, seed=0)
+    assert planted[:, 0, pattern.bool()].std(0).min() > 0.2 and planted[:, 0, ~pattern.bool()].abs().max() == 0

@@ -47,6 +47,14 @@ RING_REFLOW_SMOKE = RING_FM_SMOKE.replace(name="ring_reflow_smoke", dataset="ref
 RING_REFLOW_FULL = RING_FM_FULL.replace(name="ring_reflow_full", dataset="reflow:ring_fm_full", objective="reflow",
                                         train_subset=100_000)
 
+# Chapter 7 (locality): the same U-Net and recipe on Fashion-MNIST, and on MNIST with a planted "W" pattern.
+FASHION_DDPM = MNIST_DDPM.replace(name="fashion_ddpm", dataset="fashion_mnist")
+FASHION_DDPM_SMOKE = MNIST_DDPM_SMOKE.replace(name="fashion_ddpm_smoke", dataset="fashion_mnist")
+FASHION_DDPM_FULL = MNIST_DDPM_FULL.replace(name="fashion_ddpm_full", dataset="fashion_mnist")
+MNIST_W_DDPM = MNIST_DDPM.replace(name="mnist_w_ddpm", dataset="mnist_w")
+MNIST_W_DDPM_SMOKE = MNIST_DDPM_SMOKE.replace(name="mnist_w_ddpm_smoke", dataset="mnist_w")
+MNIST_W_DDPM_FULL = MNIST_DDPM_FULL.replace(name="mnist_w_ddpm_full", dataset="mnist_w")
+
 # The feature network of diffbook.metrics: a small CNN digit classifier (>= 99% test accuracy).
 MNIST_CLASSIFIER = TrainConfig(name="mnist_classifier", dataset="mnist", net="classifier",
                                net_config=ClassifierConfig().to_dict(), objective="classification",
@@ -58,6 +66,7 @@ MNIST_CLASSIFIER_SMOKE = MNIST_CLASSIFIER.replace(
 FASHION_CLASSIFIER = MNIST_CLASSIFIER.replace(name="fashion_classifier", dataset="fashion_mnist", steps=4000)
 
 CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (
+    FASHION_DDPM, FASHION_DDPM_SMOKE, FASHION_DDPM_FULL, MNIST_W_DDPM, MNIST_W_DDPM_SMOKE, MNIST_W_DDPM_FULL,
     MNIST_CLASSIFIER, MNIST_CLASSIFIER_SMOKE, FASHION_CLASSIFIER,
     MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL, RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL,
     MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL, RING_FM, RING_FM_SMOKE, RING_FM_FULL,

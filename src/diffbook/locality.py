@@ -13,10 +13,16 @@ here maps ``(x_t (batch, d), alpha_bar_t)`` to :math:`\hat x_0` (batch, d).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
+
+from .schedules import NoiseSchedule
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -122,7 +128,7 @@ def analytic_masks(wiener: WienerFilter, alpha_bar: float, theta: float) -> torc
 
 
 def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, masks: torch.Tensor,
-                      batch_size: int | None = None, chunk: int = 2048) -> torch.Tensor:
+                      batch_size: int | None = None, chunk: int = 512) -> torch.Tensor:
     r"""The paper's analytic denoiser. For each output pixel :math:`m`, a posterior mean over training images whose
     distance counts only the masked input pixels :math:`n \in M_m`:
 
@@ -139,11 +145,18 @@ def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, 
     x, data = x_t.double(), train.double()
     scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
     M = masks.double()
+    sparse = M.mean().item() < 0.05  # low noise: local masks, a sparse product is cheaper than a dense one
+    M_sparse_t = M.t().to_sparse_csr() if sparse else None  # (d_out, d_in)
     x_sq = (x**2) @ M  # (batch, d_out): sum over masked n of x_n^2
 
     def masked_logits(block: torch.Tensor) -> torch.Tensor:  # (batch, n_block, d_out)
-        cross = torch.einsum("bn,in,nm->bim", x, block, M)
-        block_sq = (block**2) @ M
+        # cross[b, i, m] = sum_n M[n, m] x[b, n] block[i, n]
+        if sparse:
+            cross = torch.stack([(M_sparse_t @ (block * xb).t()).t() for xb in x])
+            block_sq = (M_sparse_t @ (block**2).t()).t()
+        else:
+            cross = (block[None] * x[:, None, :]) @ M
+            block_sq = (block**2) @ M
         return -(x_sq[:, None, :] - 2 * scale * cross + scale**2 * block_sq[None]) / (2 * var)
 
     def posterior(pool: torch.Tensor) -> torch.Tensor:
@@ -193,3 +206,77 @@ def r_squared(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     (e.g. the U-Net's sample) and Var the unbiased variance over its pixels."""
     x, u = x.flatten(1).double(), reference.flatten(1).double()
     return 1 - (x - u).pow(2).sum(1) / (u.shape[1] * u.var(dim=1, unbiased=True))
+
+
+def w_pattern(size: int = 28, width: int = 2) -> torch.Tensor:
+    """A (size, size) 0/1 mask shaped like a "W" spanning the whole image: four strokes, two pixels wide.
+    Added to every training image with a random amplitude, it plants a non-local correlation in the data."""
+    pattern = torch.zeros(size, size)
+    rows = torch.arange(size)
+    corners = [0, size // 4, size // 2, 3 * size // 4, size - 1]
+    top, bottom = 2, size - 3
+    for i in range(4):  # stroke i goes from column corners[i] to corners[i+1], alternating down and up
+        start, end = (top, bottom) if i % 2 == 0 else (bottom, top)
+        for r in rows[top:bottom + 1]:
+            frac = (r - start).abs().item() / (bottom - top)
+            col = round(corners[i] + frac * (corners[i + 1] - corners[i]))
+            pattern[r, max(0, col - width // 2): col + (width + 1) // 2] = 1
+    return pattern
+
+
+def add_pattern(images: torch.Tensor, pattern: torch.Tensor, seed: int, amplitude: float = 0.5) -> torch.Tensor:
+    r"""``images`` (n, 1, H, W) in [-1, 1] plus :math:`a_i P` with :math:`a_i \sim U(-\text{amplitude}, \text{amplitude})`
+    per image, clipped to [-1, 1]: the data of the manipulation experiment."""
+    a = (torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
+    return (images + a[:, None, None, None] * pattern.to(images.dtype)).clamp(-1, 1)
+
+
+PAPER_TIMESTEPS = tuple(range(900, -1, -100))
+"""The paper's DDIM protocol: 10 steps at 0-indexed times t = 900, 800, ..., 0 ("leading" spacing). In this
+book's schedule, whose index 0 is clean data, 0-indexed time t is step k = t + 1."""
+
+ImageDenoiser = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t images, step k) -> x0_hat images
+
+
+def unet_denoiser(net: nn.Module, schedule: NoiseSchedule) -> ImageDenoiser:
+    r"""A DDPM ε-network as an :math:`\hat x_0` denoiser at step k: :math:`(x_t - \sqrt{1-\bar\alpha_k}\,\hat\varepsilon)/\sqrt{\bar\alpha_k}`."""
+    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
+        eps = net(x.float(), torch.full((len(x),), float(k), device=x.device)).to(x.dtype)
+        return (x - schedule.noise[k].item() * eps) / schedule.signal[k].item()
+    return denoise
+
+
+def flat_denoiser(fn: Denoiser, schedule: NoiseSchedule) -> ImageDenoiser:
+    """Wrap a denoiser on flattened vectors (``fn(x_t, alpha_bar)``) as an image denoiser at step k."""
+    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
+        return fn(x.flatten(1), schedule.alpha_bar[k].item()).reshape(x.shape).to(x.dtype)
+    return denoise
+
+
+@dataclass
+class DDIMTrace:
+    """A DDIM run: the final sample, the state before each step and the clipped :math:`\hat x_0` of each step."""
+
+    final: torch.Tensor
+    states: list[torch.Tensor]
+    x0_hats: list[torch.Tensor]
+
+
+@torch.no_grad()
+def ddim_protocol(denoise: ImageDenoiser, x_T: torch.Tensor, schedule: NoiseSchedule,
+                  timesteps: tuple[int, ...] = PAPER_TIMESTEPS, states: list[torch.Tensor] | None = None) -> DDIMTrace:
+    r"""Deterministic DDIM (η = 0) on 0-indexed ``timesteps`` with :math:`\hat x_0` clipped to [-1, 1] at every step;
+    the step after the last time goes to clean data. With ``states`` (another run's states), each step starts
+    from those instead of from this run's own trajectory: the per-step ("score-matching") comparison."""
+    x, seen, x0_hats = x_T, [], []
+    for i, t in enumerate(timesteps):
+        k = t + 1
+        if states is not None:
+            x = states[i]
+        seen.append(x)
+        x0 = denoise(x, k).clamp(-1, 1)
+        x0_hats.append(x0)
+        eps = (x - schedule.signal[k].item() * x0) / schedule.noise[k].item()
+        k_prev = timesteps[i + 1] + 1 if i + 1 < len(timesteps) else 0
+        x = schedule.signal[k_prev].item() * x0 + schedule.noise[k_prev].item() * eps
+    return DDIMTrace(x, seen, x0_hats)

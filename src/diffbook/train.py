@@ -156,7 +156,19 @@ def reflow_pairs(parent: str, n: int, seed: int, device: torch.device | None = N
     return torch.stack([data, noise], dim=1)
 
 
+def _pattern_dataset(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<dataset>_w``: a dataset with the locality chapter's "W" pattern planted at a random amplitude."""
+    from .locality import add_pattern, w_pattern
+    dataset = load_dataset(name.removesuffix("_w"), "train")
+    return add_pattern(dataset.tensor(), w_pattern(dataset.images.shape[-1]), seed), torch.from_numpy(dataset.labels)
+
+
 def _load_training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if config.dataset.endswith("_w"):
+        images, labels = _pattern_dataset(config.dataset, config.seed)
+        if config.train_subset is not None:
+            images, labels = images[: config.train_subset], labels[: config.train_subset]
+        return images, (labels if config.class_conditional else None)
     if config.dataset.startswith("reflow:"):
         return reflow_pairs(config.dataset.removeprefix("reflow:"), config.train_subset or 10_000, config.seed), None
     if config.dataset in TOY_DATASETS:  # 2-D toy data: a fixed sample of train_subset points
