@@ -4,7 +4,7 @@ import torch
 
 from diffbook.conversions import Predictor, from_x0_eps
 from diffbook.interpolants import LinearInterpolant, VPInterpolant
-from diffbook.samplers import (karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe,
+from diffbook.samplers import (SAMPLERS, karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe,
                                uniform_times)
 from diffbook.toy import GaussianMixture, ring_mixture
 
@@ -21,7 +21,10 @@ def exact_eps(mixture, interpolant):
 
 def test_karras_times_are_decreasing_and_hit_the_ends():
     times = karras_times(VPInterpolant(), 10)
-    assert times[0] == 1.0 and times[-1] == 1e-3 and bool((times[1:] < times[:-1]).all())
+    assert len(times) == 11 and times[0] == 1.0 and times[-2] == 1e-3 and times[-1] == 0
+    assert bool((times[1:] < times[:-1]).all())
+    assert torch.equal(karras_times(VPInterpolant(), 1), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert karras_times(VPInterpolant(), 10, to_zero=False)[-1] == 1e-3
     with pytest.raises(ValueError, match="decreasing"):
         sample_ddim(exact_eps(GAUSSIAN, VPInterpolant()), torch.zeros(2, 2), torch.tensor([0.1, 0.5]))
 
@@ -55,7 +58,7 @@ def test_ddim_is_dpm_solver_first_order_and_linear_path_endpoint():
     noise = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     times = uniform_times(1)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
     torch.testing.assert_close(sample_dpm_solver_pp_2m(predictor, noise, times), sample_ddim(predictor, noise, times))
-    assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) is None and steps_for_nfe("ddim", 5) == 5
+    assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) == 3 and steps_for_nfe("ddim", 5) == 5
 
 
 def test_nfe_sweep_spends_exactly_the_requested_evaluations():
@@ -63,9 +66,18 @@ def test_nfe_sweep_spends_exactly_the_requested_evaluations():
     inner = exact_eps(GAUSSIAN, VPInterpolant())
     counting = Predictor(lambda x, t: calls.append(1) or inner(x, t, "eps"), "eps", VPInterpolant())
     noise = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    rows, kept = nfe_sweep(counting, noise, (1, 4, 5), lambda x: float(x.mean()), keep=lambda name, nfe: nfe == 4,
-                           progress=False)
-    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 1), ("ddim", 4), ("ddim", 5), ("heun", 4),
-                                                        ("dpm++2m", 1), ("dpm++2m", 4), ("dpm++2m", 5)]
+    samplers = {k: v for k, v in SAMPLERS.items() if k != "ddim, eta=1"}
+    rows, kept = nfe_sweep(counting, noise, (1, 4, 5), lambda x: float(x.mean()), samplers=samplers,
+                           keep=lambda name, nfe: nfe == 4, progress=False)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 1), ("ddim", 4), ("ddim", 5), ("heun", 1), ("heun", 3),
+                                                        ("heun", 5), ("dpm++2m", 1), ("dpm++2m", 4), ("dpm++2m", 5)]
     assert len(calls) == sum(r["nfe"] for r in rows)
-    assert set(kept) == {("ddim", 4), ("heun", 4), ("dpm++2m", 4)}
+    assert set(kept) == {("ddim", 4), ("dpm++2m", 4)}
+
+
+def test_stochastic_ddim_in_the_sweep_is_reproducible():
+    predictor = exact_eps(GAUSSIAN, VPInterpolant())
+    noise = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    run = lambda: nfe_sweep(predictor, noise, (3,), lambda x: float(x.sum()), samplers={"eta": SAMPLERS["ddim, eta=1"]},
+                            progress=False)[0][0]["score"]
+    assert run() == run()

@@ -13,6 +13,7 @@ probability-flow ODE is :math:`dy/d\rho = \hat\varepsilon(x_t, t)` (chapter 5):
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable
@@ -33,18 +34,23 @@ def uniform_times(n_steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> to
 
 
 def karras_times(interpolant: Interpolant, n_steps: int, t_start: float = 1.0, t_end: float = 1e-3,
-                 rho: float = 7.0) -> torch.Tensor:
+                 rho: float = 7.0, to_zero: bool = True) -> torch.Tensor:
     r"""Karras et al. (2022), eq. 5: :math:`\rho_i^{1/r}` evenly spaced between :math:`\rho_\max^{1/r}` and
-    :math:`\rho_\min^{1/r}` (here :math:`\rho = \sigma/\alpha`, exponent ``rho`` = r = 7), mapped back to times."""
+    :math:`\rho_\min^{1/r}` (here :math:`\rho = \sigma/\alpha`, exponent ``rho`` = r = 7), mapped back to times.
+    With ``to_zero`` (their :math:`\sigma_N = 0`) the last of the ``n_steps`` steps goes from ``t_end`` to clean data,
+    so the sampler returns its final :math:`\hat x_0` rather than an image with noise of level ``t_end`` left in."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    points = n_steps if to_zero else n_steps + 1
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
     ratio_max, ratio_min = (interpolant.sigma(ends) / interpolant.alpha(ends)).tolist()
-    ramp = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, points, dtype=torch.float64) if points > 1 else torch.zeros(1, dtype=torch.float64)
     ratios = (ratio_max ** (1 / rho) + ramp * (ratio_min ** (1 / rho) - ratio_max ** (1 / rho))) ** rho
     times = interpolant.time_of_ratio(ratios)
-    times[0], times[-1] = t_start, t_end
-    return times
+    times[0] = t_start
+    if points > 1:
+        times[-1] = t_end
+    return torch.cat([times, torch.zeros(1, dtype=torch.float64)]) if to_zero else times
 
 
 def _check(times: torch.Tensor) -> None:
@@ -121,30 +127,39 @@ def sample_dpm_solver_pp_2m(predictor: Predictor, x: torch.Tensor, times: torch.
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "heun": sample_heun, "dpm++2m": sample_dpm_solver_pp_2m}
+SAMPLERS = {"ddim": sample_ddim, "ddim, eta=1": functools.partial(sample_ddim, eta=1.0), "heun": sample_heun,
+            "dpm++2m": sample_dpm_solver_pp_2m}
 
 
-def steps_for_nfe(sampler: str, nfe: int) -> int | None:
-    """Steps that spend exactly ``nfe`` evaluations (Heun: 2 per step), or None if impossible."""
-    if sampler == "heun":
-        return nfe // 2 if nfe % 2 == 0 else None
-    return nfe
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """Steps that spend at most ``nfe`` evaluations on :func:`karras_times` grids (which end at t = 0): Heun's last
+    step, to clean data, skips its correction, so n Heun steps cost 2n - 1."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def nfe_spent(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def nfe_sweep(predictor: Predictor, x_T: torch.Tensor, nfes: list[int] | tuple[int, ...],
               score: Callable[[torch.Tensor], float], samplers: dict | None = None,
-              keep: Callable[[str, int], bool] = lambda name, nfe: False, progress: bool = True) -> tuple[list[dict], dict]:
-    """Run every sampler at every NFE it can spend exactly, on Karras times from the same ``x_T``, under the
-    device's autocast. Returns rows ``{sampler, nfe, steps, score, seconds_per_sample}`` and the samples for
-    which ``keep(name, nfe)`` is true."""
+              keep: Callable[[str, int], bool] = lambda name, nfe: False, progress: bool = True,
+              seed: int = 0) -> tuple[list[dict], dict]:
+    """Run every sampler within every NFE budget, on Karras times (ending at t = 0) from the same ``x_T``, under
+    the device's autocast; stochastic samplers draw from a generator seeded with ``seed``. Returns rows ``{sampler, nfe (spent), steps, score, seconds_per_sample}`` and the
+    samples for which ``keep(name, nfe)`` is true."""
     samplers = SAMPLERS if samplers is None else samplers
     device, rows, kept = x_T.device, [], {}
-    jobs = [(name, nfe) for name in samplers for nfe in nfes if (steps_for_nfe(name, nfe) or 0) >= 1]
-    for name, nfe in tqdm(jobs, disable=not progress, desc="nfe sweep"):
-        steps = steps_for_nfe(name, nfe)
+    jobs = sorted({(name, steps_for_nfe(name, nfe)) for name in samplers for nfe in nfes},
+                  key=lambda job: (list(samplers).index(job[0]), job[1]))
+    for name, steps in tqdm(jobs, disable=not progress, desc="nfe sweep"):
+        nfe = nfe_spent(name, steps)
         started = time.perf_counter()
         with autocast(device, autocast_dtype(device)):
-            out = samplers[name](predictor, x_T, karras_times(predictor.interpolant, steps)).float().clamp(-1, 1)
+            out = samplers[name](predictor, x_T, karras_times(predictor.interpolant, steps),
+                                 generator=torch.Generator().manual_seed(seed)).float().clamp(-1, 1)
         seconds = (time.perf_counter() - started) / len(x_T)
         rows.append({"sampler": name, "nfe": nfe, "steps": steps, "score": score(out), "seconds_per_sample": seconds})
         if keep(name, nfe):
