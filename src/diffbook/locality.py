@@ -255,7 +255,7 @@ def flat_denoiser(fn: Denoiser, schedule: NoiseSchedule) -> ImageDenoiser:
 
 @dataclass
 class DDIMTrace:
-    """A DDIM run: the final sample, the state before each step and the clipped :math:`\hat x_0` of each step."""
+    r"""A DDIM run: the final sample, the state before each step and the clipped :math:`\hat x_0` of each step."""
 
     final: torch.Tensor
     states: list[torch.Tensor]
