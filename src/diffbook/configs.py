@@ -31,14 +31,18 @@ RING_EPS_SMOKE = RING_EPS.replace(name="ring_eps_smoke", steps=200, net_config=M
                                   checkpoint_every=100)
 RING_EPS_FULL = RING_EPS.replace(name="ring_eps_full", steps=40_000, lr=1e-3, ema_decay=0.999, checkpoint_every=5000)
 
-# Chapter 4: the same networks trained with flow matching on the linear path.
-MNIST_FM = MNIST_DDPM.replace(name="mnist_fm", objective="flow_matching")
-MNIST_FM_SMOKE = MNIST_DDPM_SMOKE.replace(name="mnist_fm_smoke", objective="flow_matching")
-MNIST_FM_FULL = MNIST_DDPM_FULL.replace(name="mnist_fm_full", objective="flow_matching")
 
-RING_FM = RING_EPS.replace(name="ring_fm", objective="flow_matching")
-RING_FM_SMOKE = RING_EPS_SMOKE.replace(name="ring_fm_smoke", objective="flow_matching")
-RING_FM_FULL = RING_EPS_FULL.replace(name="ring_fm_full", objective="flow_matching")
+def _profiles(bases: tuple[TrainConfig, TrainConfig, TrainConfig], name: str, **changes) -> tuple[TrainConfig, ...]:
+    """The default, smoke and full configs of ``bases`` with ``changes``, named ``name``, ``name_smoke``, ``name_full``."""
+    return tuple(base.replace(name=name + suffix, **changes) for base, suffix in zip(bases, ("", "_smoke", "_full")))
+
+
+_MNIST_UNET_PROFILES = (MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL)
+
+# Chapter 4: the same networks trained with flow matching on the linear path.
+MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL = _profiles(_MNIST_UNET_PROFILES, "mnist_fm", objective="flow_matching")
+RING_FM, RING_FM_SMOKE, RING_FM_FULL = _profiles((RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL), "ring_fm",
+                                                 objective="flow_matching")
 
 # One reflow step: flow matching on the (data, noise) pairs that ring_fm's ODE couples (dataset "reflow:<parent>").
 RING_REFLOW = RING_FM.replace(name="ring_reflow", dataset="reflow:ring_fm", objective="reflow", train_subset=20_000)
@@ -48,12 +52,9 @@ RING_REFLOW_FULL = RING_FM_FULL.replace(name="ring_reflow_full", dataset="reflow
                                         train_subset=100_000)
 
 # Chapter 7 (locality): the same U-Net and recipe on Fashion-MNIST, and on MNIST with a planted "W" pattern.
-FASHION_DDPM = MNIST_DDPM.replace(name="fashion_ddpm", dataset="fashion_mnist")
-FASHION_DDPM_SMOKE = MNIST_DDPM_SMOKE.replace(name="fashion_ddpm_smoke", dataset="fashion_mnist")
-FASHION_DDPM_FULL = MNIST_DDPM_FULL.replace(name="fashion_ddpm_full", dataset="fashion_mnist")
-MNIST_W_DDPM = MNIST_DDPM.replace(name="mnist_w_ddpm", dataset="mnist_w")
-MNIST_W_DDPM_SMOKE = MNIST_DDPM_SMOKE.replace(name="mnist_w_ddpm_smoke", dataset="mnist_w")
-MNIST_W_DDPM_FULL = MNIST_DDPM_FULL.replace(name="mnist_w_ddpm_full", dataset="mnist_w")
+FASHION_DDPM, FASHION_DDPM_SMOKE, FASHION_DDPM_FULL = _profiles(_MNIST_UNET_PROFILES, "fashion_ddpm",
+                                                                dataset="fashion_mnist")
+MNIST_W_DDPM, MNIST_W_DDPM_SMOKE, MNIST_W_DDPM_FULL = _profiles(_MNIST_UNET_PROFILES, "mnist_w_ddpm", dataset="mnist_w")
 
 # The feature network of diffbook.metrics: a small CNN digit classifier (>= 99% test accuracy).
 MNIST_CLASSIFIER = TrainConfig(name="mnist_classifier", dataset="mnist", net="classifier",
@@ -65,9 +66,4 @@ MNIST_CLASSIFIER_SMOKE = MNIST_CLASSIFIER.replace(
     net_config=ClassifierConfig(channels=(8, 16), features=32).to_dict())
 FASHION_CLASSIFIER = MNIST_CLASSIFIER.replace(name="fashion_classifier", dataset="fashion_mnist", steps=4000)
 
-CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (
-    FASHION_DDPM, FASHION_DDPM_SMOKE, FASHION_DDPM_FULL, MNIST_W_DDPM, MNIST_W_DDPM_SMOKE, MNIST_W_DDPM_FULL,
-    MNIST_CLASSIFIER, MNIST_CLASSIFIER_SMOKE, FASHION_CLASSIFIER,
-    MNIST_DDPM, MNIST_DDPM_SMOKE, MNIST_DDPM_FULL, RING_EPS, RING_EPS_SMOKE, RING_EPS_FULL,
-    MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL, RING_FM, RING_FM_SMOKE, RING_FM_FULL,
-    RING_REFLOW, RING_REFLOW_SMOKE, RING_REFLOW_FULL)}
+CONFIGS: dict[str, TrainConfig] = {c.name: c for c in list(globals().values()) if isinstance(c, TrainConfig)}
