@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from diffbook.configs import MNIST_CLASSIFIER, MNIST_DDPM
 from diffbook.conversions import predictor_from_trained
 from diffbook.data import load_dataset
-from diffbook.device import autocast, autocast_dtype, describe_hardware, pick_device, seed_everything
+from diffbook.device import describe_hardware, pick_device, seed_everything
 from diffbook.metrics import QualityReference
-from diffbook.samplers import nfe_sweep
-from diffbook.sampling import sample_ddpm
+from diffbook.samplers import ancestral_reference, nfe_sweep
 from diffbook.train import load_or_train
 
 FULL_NFES = (1, 2, 4, 5, 8, 10, 15, 20, 50, 100, 250, 1000)
@@ -46,12 +44,8 @@ def main() -> None:
     floor = quality.floor(n)
     x_T = torch.randn((n, 1, 28, 28), generator=seed_everything(args.seed)).to(device)
 
-    started = time.perf_counter()
-    with autocast(device, autocast_dtype(device)):
-        ancestral = sample_ddpm(model.net, model.schedule, x_T, steps=ancestral_steps,
-                                generator=seed_everything(args.seed + 1)).float().clamp(-1, 1)
-    reference = {"sampler": "ancestral", "nfe": ancestral_steps, "steps": ancestral_steps, "score": quality.fd(ancestral),
-                 "seconds_per_sample": (time.perf_counter() - started) / n}
+    reference, _ = ancestral_reference(model.net, model.schedule, x_T, ancestral_steps, quality.fd,
+                                       generator=seed_everything(args.seed + 1))
     rows, _ = nfe_sweep(predictor_from_trained(model), x_T, nfes, quality.fd)
     within = sorted(r["nfe"] for r in rows if r["sampler"] == "dpm++2m" and r["score"] <= 1.1 * reference["score"])
     print(json.dumps({

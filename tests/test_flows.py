@@ -5,26 +5,18 @@ import pytest
 import torch
 
 from diffbook.configs import MNIST_DDPM_SMOKE, MNIST_FM_SMOKE
-from diffbook.conversions import KINDS, Predictor, change_path, convert, from_x0_eps, predictor_from_trained, to_x0_eps
+from diffbook.conversions import KINDS, change_path, convert, from_x0_eps, predictor_from_trained, to_x0_eps
 from diffbook.interpolants import LinearInterpolant, VPInterpolant
 from diffbook.likelihood import dequantize, density_bits_per_dim, ode_log_likelihood
 from diffbook.losses import flow_matching_loss, reflow_loss
 from diffbook.ode import euler, heun, straightness, time_grid
 from diffbook.schedules import NoiseSchedule
 from diffbook.sde import VPSDE, reverse_sde_euler_maruyama
-from diffbook.toy import GaussianMixture, ring_mixture
+from diffbook.toy import GaussianMixture, exact_predictor, ring_mixture
 from diffbook.train import TrainedModel
 
 GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
                            torch.tensor([[[2.0, 0.6], [0.6, 0.5]]], dtype=torch.float64))
-
-
-def exact_predictor(mixture: GaussianMixture, interpolant) -> Predictor:
-    def velocity(x, t):
-        alpha, sigma, d_alpha, d_sigma = interpolant.coefficients(t[:1], x)
-        x0, eps = mixture.posterior_means(x, alpha.item(), sigma.item())
-        return from_x0_eps(x0, eps, "velocity", alpha, sigma, d_alpha, d_sigma)
-    return Predictor(velocity, "velocity", interpolant)
 
 
 @pytest.mark.parametrize("source,target", list(itertools.product(KINDS, KINDS)))
@@ -123,7 +115,7 @@ def test_straightness_is_zero_only_for_straight_constant_speed_paths():
 
 
 def test_flow_matching_loss_prefers_the_exact_velocity():
-    interpolant, schedule = LinearInterpolant(), NoiseSchedule.linear(1000)
+    schedule = NoiseSchedule.linear(1000)
     x0 = GAUSSIAN.sample(100_000, torch.Generator().manual_seed(8))
     mu, cov = GAUSSIAN.means[0], GAUSSIAN.covs[0]
 

@@ -2,21 +2,19 @@
 import pytest
 import torch
 
-from diffbook.conversions import Predictor, from_x0_eps
+from diffbook.conversions import Predictor
 from diffbook.interpolants import LinearInterpolant, VPInterpolant
-from diffbook.samplers import (SAMPLERS, karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun, steps_for_nfe,
-                               uniform_times)
-from diffbook.toy import GaussianMixture, ring_mixture
+from diffbook.ode import time_grid
+from diffbook.samplers import (SAMPLERS, karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun,
+                               steps_for_nfe)
+from diffbook.toy import GaussianMixture, exact_predictor, ring_mixture
 
 GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
                            torch.tensor([[[2.0, 0.6], [0.6, 0.5]]], dtype=torch.float64))
 
 
 def exact_eps(mixture, interpolant):
-    def eps(x, t):
-        alpha, sigma = interpolant.alpha(t[:1]).item(), interpolant.sigma(t[:1]).item()
-        return mixture.posterior_means(x, alpha, sigma)[1]
-    return Predictor(eps, "eps", interpolant)
+    return exact_predictor(mixture, interpolant, "eps")
 
 
 def test_karras_times_are_decreasing_and_hit_the_ends():
@@ -48,15 +46,15 @@ def test_samplers_reach_the_gaussian(path):
     noise = noise * path.sigma(torch.tensor(t_start, dtype=torch.float64)).item()
     for sampler, kwargs in ((sample_ddim, {}), (sample_ddim, {"eta": 1.0, "generator": torch.Generator().manual_seed(2)}),
                             (sample_heun, {}), (sample_dpm_solver_pp_2m, {})):
-        x = sampler(predictor, noise, uniform_times(200, t_start=t_start, t_end=1e-3), **kwargs)
+        x = sampler(predictor, noise, time_grid(200, t_start, 1e-3), **kwargs)
         assert (x.mean(0) - GAUSSIAN.mean).abs().max() < 0.04, sampler
         assert (torch.cov(x.T) - GAUSSIAN.covariance).abs().max() < 0.1, sampler  # sampling noise alone ~0.03
 
 
 def test_ddim_is_dpm_solver_first_order_and_linear_path_endpoint():
-    predictor, path = exact_eps(GAUSSIAN, VPInterpolant()), VPInterpolant()
+    predictor = exact_eps(GAUSSIAN, VPInterpolant())
     noise = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    times = uniform_times(1)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
+    times = time_grid(1, 1.0, 1e-3)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
     torch.testing.assert_close(sample_dpm_solver_pp_2m(predictor, noise, times), sample_ddim(predictor, noise, times))
     assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) == 3 and steps_for_nfe("ddim", 5) == 5
 

@@ -32,23 +32,25 @@ def _check_flat(x: torch.Tensor, d: int, name: str = "x_t") -> None:
         raise ValueError(f"expected {name} of shape (batch, {d}) (flattened images), got {tuple(x.shape)}")
 
 
-def _streaming_posterior_mean(logits_fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor,
-                              chunk: int) -> torch.Tensor:
-    """:math:`\\sum_i \\mathrm{softmax}_i(\\ell)\\,v_i` over the rows of ``values`` in chunks, with a running
-    log-sum-exp, so memory stays O(batch x chunk) whatever the training-set size."""
+def _streaming_posterior_mean(logits_fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, chunk: int,
+                              combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Softmax-weighted means over the rows of ``values``, in chunks with a running log-sum-exp, so memory stays
+    O(batch x chunk) whatever the training-set size. ``logits_fn(block)`` has shape (batch, n_block, k): k = 1 for
+    one softmax per sample, k = d for one per output pixel. ``combine(weights, block)`` sums the weighted block into
+    the (batch, d) output."""
     running_max = running_sum = weighted = None
     for start in range(0, len(values), chunk):
         block = values[start:start + chunk]
-        logits = logits_fn(block)  # (batch, n_block)
+        logits = logits_fn(block)
         block_max = logits.max(dim=1, keepdim=True).values
         new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
         weights = torch.exp(logits - new_max)
+        part_sum, part = weights.sum(1), combine(weights, block)
         if running_max is None:
-            running_sum, weighted = weights.sum(1, keepdim=True), weights @ block
+            running_sum, weighted = part_sum, part
         else:
-            rescale = torch.exp(running_max - new_max)
-            running_sum = running_sum * rescale + weights.sum(1, keepdim=True)
-            weighted = weighted * rescale + weights @ block
+            rescale = torch.exp(running_max - new_max).squeeze(1)
+            running_sum, weighted = running_sum * rescale + part_sum, weighted * rescale + part
         running_max = new_max
     return weighted / running_sum
 
@@ -61,10 +63,14 @@ def optimal_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, c
     x = x_t.double()
     scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
 
-    def logits(block: torch.Tensor) -> torch.Tensor:
-        return -torch.cdist(x, scale * block, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / (2 * var)
+    def logits(block: torch.Tensor) -> torch.Tensor:  # (batch, n_block, 1)
+        distances = torch.cdist(x, scale * block, compute_mode="donot_use_mm_for_euclid_dist")
+        return -distances.pow(2)[..., None] / (2 * var)
 
-    return _streaming_posterior_mean(logits, train.double(), chunk).to(x_t.dtype)
+    def combine(weights: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return weights[..., 0] @ block
+
+    return _streaming_posterior_mean(logits, train.double(), chunk, combine).to(x_t.dtype)
 
 
 def nearest_training_image(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor) -> torch.Tensor:
@@ -160,22 +166,7 @@ def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, 
         return -(x_sq[:, None, :] - 2 * scale * cross + scale**2 * block_sq[None]) / (2 * var)
 
     def posterior(pool: torch.Tensor) -> torch.Tensor:
-        running_max = running_sum = weighted = None
-        for start in range(0, len(pool), chunk):
-            block = pool[start:start + chunk]
-            logits = masked_logits(block)
-            block_max = logits.max(dim=1, keepdim=True).values
-            new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
-            weights = torch.exp(logits - new_max)  # (batch, n_block, d_out)
-            contribution = (weights * block[None]).sum(1)
-            if running_max is None:
-                running_sum, weighted = weights.sum(1, keepdim=True), contribution[:, None]
-            else:
-                rescale = torch.exp(running_max - new_max)
-                running_sum = running_sum * rescale + weights.sum(1, keepdim=True)
-                weighted = weighted * rescale + contribution[:, None]
-            running_max = new_max
-        return (weighted / running_sum)[:, 0]
+        return _streaming_posterior_mean(masked_logits, pool, chunk, lambda weights, block: (weights * block[None]).sum(1))
 
     if batch_size is None:
         out = posterior(data)

@@ -1,6 +1,6 @@
 r"""Fast samplers (chapter 6), k-diffusion style: one function each, one signature
 ``sampler(predictor, x, times, ...)``. ``predictor`` is a :class:`~diffbook.conversions.Predictor` (any kind, any
-Gaussian path); ``times`` a decreasing grid on its path from :func:`uniform_times` or :func:`karras_times`.
+Gaussian path); ``times`` a decreasing grid on its path from :func:`karras_times` or :func:`diffbook.ode.time_grid`.
 
 All three live most naturally in the scaled variables :math:`\rho = \sigma_t/\alpha_t`, :math:`y = x/\alpha_t`, where the
 probability-flow ODE is :math:`dy/d\rho = \hat\varepsilon(x_t, t)` (chapter 5):
@@ -24,13 +24,8 @@ from tqdm import tqdm
 from .conversions import Predictor
 from .device import autocast, autocast_dtype
 from .interpolants import Interpolant
-
-
-def uniform_times(n_steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> torch.Tensor:
-    """``n_steps + 1`` times evenly spaced in t (DDIM's "uniform" skipping), float64."""
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    return torch.linspace(t_start, t_end, n_steps + 1, dtype=torch.float64)
+from .sampling import sample_ddpm
+from .schedules import NoiseSchedule
 
 
 def karras_times(interpolant: Interpolant, n_steps: int, t_start: float = 1.0, t_end: float = 1e-3,
@@ -165,3 +160,15 @@ def nfe_sweep(predictor: Predictor, x_T: torch.Tensor, nfes: list[int] | tuple[i
         if keep(name, nfe):
             kept[(name, nfe)] = out
     return rows, kept
+
+
+def ancestral_reference(net: torch.nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int,
+                        score: Callable[[torch.Tensor], float], generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Chapter 1's ancestral sampler with ``steps`` steps from ``x_T`` (the reference of a sweep), scored and timed
+    like a row of :func:`nfe_sweep`. Returns the row and the samples."""
+    started = time.perf_counter()
+    with autocast(x_T.device, autocast_dtype(x_T.device)):
+        images = sample_ddpm(net, schedule, x_T, steps=steps, generator=generator).float().clamp(-1, 1)
+    seconds = (time.perf_counter() - started) / len(x_T)
+    return {"sampler": "ancestral", "nfe": steps, "steps": steps, "score": score(images),
+            "seconds_per_sample": seconds}, images

@@ -19,6 +19,7 @@ from typing import Callable, Union
 import torch
 
 from .interpolants import Interpolant
+from .ode import time_grid
 
 
 @dataclass(frozen=True)
@@ -76,19 +77,13 @@ SDE = Union[VPSDE, VESDE, Interpolant]  # SubVPSDE is a VPSDE; an Interpolant ha
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _time_grid(n_steps: int, t_end: float, t_start: float = 1.0) -> torch.Tensor:
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    return torch.linspace(t_start, t_end, n_steps + 1, dtype=torch.float64)
-
-
 @torch.no_grad()
 def reverse_sde_euler_maruyama(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int, generator: torch.Generator | None = None,
                                t_end: float = 1e-3, t_start: float = 1.0) -> torch.Tensor:
     r"""Integrate the reverse-time SDE (Anderson 1982) from ``t_start`` to ``t_end`` with Euler–Maruyama:
     :math:`dx = [f(t)x - g(t)^2\nabla\log p_t(x)]\,dt + g(t)\,d\bar W`, stepping backwards in time.
     The last step adds no noise."""
-    grid = _time_grid(n_steps, t_end, t_start)
+    grid = time_grid(n_steps, t_start, t_end)
     for i in range(n_steps):
         t, dt = grid[i], grid[i] - grid[i + 1]
         tt = torch.full((x.shape[0],), t.item(), dtype=x.dtype, device=x.device)
@@ -105,7 +100,7 @@ def probability_flow_euler(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: i
                            t_start: float = 1.0) -> torch.Tensor:
     r"""Integrate the probability-flow ODE :math:`dx/dt = f(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)` from ``t_start``
     to ``t_end`` with Euler steps. Deterministic: the same ``x`` gives the same output."""
-    grid = _time_grid(n_steps, t_end, t_start)
+    grid = time_grid(n_steps, t_start, t_end)
     for i in range(n_steps):
         t, dt = grid[i], grid[i] - grid[i + 1]
         tt = torch.full((x.shape[0],), t.item(), dtype=x.dtype, device=x.device)
@@ -121,7 +116,7 @@ def predictor_corrector(sde: SDE, score: ScoreFn, x: torch.Tensor, n_steps: int,
     time (step size :math:`\epsilon = 2(r\,\overline{\lVert z\rVert}/\overline{\lVert s\rVert})^2`, norms averaged over
     the batch, ``snr`` = r), then one reverse-SDE Euler–Maruyama step (no noise on the last).
     ``n_steps * (corrector_steps + 1)`` score evaluations."""
-    grid = _time_grid(n_steps, t_end)
+    grid = time_grid(n_steps, 1.0, t_end)
     flat_norm = lambda v: v.reshape(v.shape[0], -1).norm(dim=1).mean()
     for i in range(n_steps):
         t, dt = grid[i], grid[i] - grid[i + 1]

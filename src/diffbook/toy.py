@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .conversions import Predictor, from_x0_eps
+from .interpolants import Interpolant
+
 
 @dataclass(frozen=True)
 class GaussianMixture:
@@ -122,6 +125,22 @@ def ring_mixture(radius: float = 4.0, std: float = 0.4) -> GaussianMixture:
     means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
     weights = torch.tensor([3, 1, 2, 1, 3, 1, 2, 1], dtype=torch.float64)
     return GaussianMixture.isotropic(means, std, weights / weights.sum())
+
+
+def exact_predictor(mixture: GaussianMixture, interpolant: Interpolant, kind: str = "velocity") -> Predictor:
+    r"""The exact ``kind`` prediction for data ``mixture`` on ``interpolant``, from its posterior means
+    :math:`(\mathbb E[x_0\mid x_t], \mathbb E[\varepsilon\mid x_t])`: what a perfectly trained network would output.
+    Computed directly in ``kind`` (no conversion, so no division by a vanishing α or σ); each sample may have
+    its own time."""
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for value in t.unique():
+            rows = t == value
+            coefficients = interpolant.coefficients(value, x[rows])
+            x0, eps = mixture.posterior_means(x[rows], coefficients[0].item(), coefficients[1].item())
+            out[rows] = from_x0_eps(x0, eps, kind, *coefficients).to(x.dtype)
+        return out
+    return Predictor(predict, kind, interpolant)
 
 
 TOY_DATASETS = {"ring": ring_mixture}
