@@ -34,8 +34,10 @@ from tqdm import tqdm
 from . import __version__
 from .data import load_dataset
 from .device import autocast, autocast_dtype, describe_hardware, pick_device
+from .conversions import predictor_from_trained
 from .losses import OBJECTIVES
-from .nets import build_net, count_parameters
+from .nets import MLPConfig, build_net, count_parameters
+from .ode import heun, time_grid
 from .schedules import NoiseSchedule
 from .storage import atomic_torch_save, atomic_write_text, cache_dir, checkpoints_dir, sha256_file
 from .toy import TOY_DATASETS, toy_samples
@@ -143,13 +145,13 @@ def reflow_pairs(parent: str, n: int, seed: int, device: torch.device | None = N
     """(n, 2, ...) pairs ``[ODE(noise), noise]``: the coupling a trained flow ``parent`` (a config name) defines,
     integrated with :data:`REFLOW_ODE_STEPS` Heun steps from a seeded batch of noise."""
     from .configs import CONFIGS  # configs imports this module
-    from .conversions import predictor_from_trained
-    from .ode import heun, time_grid
     if parent not in CONFIGS:
         raise ValueError(f"unknown reflow parent {parent!r}: expected a config name such as 'ring_fm'")
     model = load_or_train(CONFIGS[parent], device=device)
-    parent_data = _load_training_data(CONFIGS[parent])[0]
-    noise = torch.randn((n,) + parent_data.shape[1:], generator=torch.Generator().manual_seed(seed))
+    net_config = model.net.config
+    shape = (net_config.dim,) if isinstance(net_config, MLPConfig) else \
+        (net_config.in_channels, net_config.image_size, net_config.image_size)
+    noise = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         data = heun(predictor_from_trained(model).velocity, noise.to(next(model.net.parameters()).device),
                     time_grid(REFLOW_ODE_STEPS)).cpu()
