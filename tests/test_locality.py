@@ -94,7 +94,8 @@ def test_r_squared_is_one_for_identical_images_and_zero_for_the_mean():
 
 
 def test_ddim_protocol_follows_the_paper_and_replays_states():
-    from diffbook.locality import PAPER_TIMESTEPS, ddim_protocol, flat_denoiser, w_pattern, add_pattern
+    from diffbook.locality import add_pattern, w_pattern
+    from diffbook.locality_protocol import PAPER_TIMESTEPS, ddim_protocol, flat_denoiser
     from diffbook.schedules import NoiseSchedule
     schedule = NoiseSchedule.linear(1000)
     target = torch.full((2, 1, 4, 4), 0.3)
@@ -115,3 +116,45 @@ def test_ddim_protocol_follows_the_paper_and_replays_states():
     assert pattern.sum() > 100 and pattern[:, :7].sum() > 0 and pattern[:, -7:].sum() > 0  # spans the image
     planted = add_pattern(torch.zeros(100, 1, 28, 28), pattern, seed=0)
     assert planted[:, 0, pattern.bool()].std(0).min() > 0.2 and planted[:, 0, ~pattern.bool()].abs().max() == 0
+
+
+def test_analytic_pair_in_float32_matches_float64_and_never_underflows():
+    from diffbook.locality import analytic_denoiser_pair
+    gen = torch.Generator().manual_seed(8)
+    train = torch.rand(300, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    train[150:] += 5  # a far cluster: its batches have negligible weight under the global softmax
+    masks = torch.rand(16, 16, generator=gen) < 0.3
+    masks |= torch.eye(16, dtype=torch.bool)
+    x_t = math.sqrt(0.999) * train[:3] + math.sqrt(0.001) * torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    exact64, batched64 = analytic_denoiser_pair(x_t, 0.999, train, masks, batch_size=50)
+    exact32, batched32 = analytic_denoiser_pair(x_t, 0.999, train, masks, batch_size=50, dtype=torch.float32)
+    assert torch.isfinite(batched64).all()  # each batch normalised by its own maximum
+    torch.testing.assert_close(exact64, analytic_denoiser(x_t, 0.999, train, masks))
+    torch.testing.assert_close(batched64, analytic_denoiser(x_t, 0.999, train, masks, batch_size=50))
+    torch.testing.assert_close(exact32, exact64, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched32, batched64, atol=1e-4, rtol=0)
+    # the far cluster's batches pull the batch average away from the exact posterior mean
+    assert (batched64 - exact64).abs().max() > 1
+
+
+def test_r2_experiment_scores_the_reference_itself_as_one_and_shares_analytic_passes(monkeypatch):
+    from diffbook import locality_protocol
+    from diffbook.locality_protocol import paper_denoisers, r2_experiment
+    from diffbook.schedules import NoiseSchedule
+    schedule = NoiseSchedule.linear(1000)
+    gen = torch.Generator().manual_seed(9)
+    train = torch.rand(700, 16, generator=gen, dtype=torch.float64) * 2 - 1  # two batches of the released code
+    calls = []
+    real_pair = locality_protocol.analytic_denoiser_pair
+    monkeypatch.setattr(locality_protocol, "analytic_denoiser_pair", lambda *a, **k: calls.append(1) or real_pair(*a, **k))
+    denoisers = paper_denoisers(train, schedule, theta=0.005)
+    assert list(denoisers) == ["optimal", "wiener", "analytic", "analytic_batch", "nearest"]
+    x_T = torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64)
+    result = r2_experiment(denoisers["wiener"], denoisers, x_T, schedule, progress=False)
+    torch.testing.assert_close(result.final["wiener"], torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(result.per_step["wiener"], torch.ones(10, 5, dtype=torch.float64))
+    assert result.per_step["optimal"].shape == (10, 5) and (result.final["optimal"] < 1).all()
+    # the two replays share 10 passes; each final run reuses the first (every run starts at x_T)
+    assert len(calls) == 10 + 9 + 9
+    summary = result.summary()
+    assert summary["wiener"]["final"] == pytest.approx(1.0) and summary["wiener"]["final_sem"] == pytest.approx(0.0)

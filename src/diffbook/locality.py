@@ -13,16 +13,11 @@ here maps ``(x_t (batch, d), alpha_bar_t)`` to :math:`\hat x_0` (batch, d).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
-from .schedules import NoiseSchedule
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -33,25 +28,30 @@ def _check_flat(x: torch.Tensor, d: int, name: str = "x_t") -> None:
 
 
 def _streaming_posterior_mean(logits_fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, chunk: int,
-                              combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                              combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                              block_means: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax-weighted means over the rows of ``values``, in chunks with a running log-sum-exp, so memory stays
-    O(batch x chunk) whatever the training-set size. ``logits_fn(block)`` has shape (batch, n_block, k): k = 1 for
-    one softmax per sample, k = d for one per output pixel. ``combine(weights, block)`` sums the weighted block into
-    the (batch, d) output."""
+    O(batch x chunk) whatever the training-set size. ``logits_fn(block)`` has shape (n_block, batch, k): k = 1 for
+    one softmax per sample, k = d for one per output pixel (it may be overwritten). ``combine(weights, block)``
+    sums the weighted block into the (batch, d) output. If ``block_means`` is a list, each chunk's own softmax
+    mean is appended to it."""
     running_max = running_sum = weighted = None
     for start in range(0, len(values), chunk):
         block = values[start:start + chunk]
-        logits = logits_fn(block)
-        block_max = logits.max(dim=1, keepdim=True).values
-        new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
-        weights = torch.exp(logits - new_max)
-        part_sum, part = weights.sum(1), combine(weights, block)
+        weights = logits_fn(block)
+        block_max = weights.max(dim=0).values  # (batch, k)
+        weights.sub_(block_max).exp_()
+        part_sum, part = weights.sum(0), combine(weights, block)
+        if block_means is not None:
+            block_means.append(part / part_sum)
         if running_max is None:
-            running_sum, weighted = part_sum, part
+            running_max, running_sum, weighted = block_max, part_sum, part
         else:
-            rescale = torch.exp(running_max - new_max).squeeze(1)
-            running_sum, weighted = running_sum * rescale + part_sum, weighted * rescale + part
-        running_max = new_max
+            new_max = torch.maximum(running_max, block_max)
+            old_scale, new_scale = torch.exp(running_max - new_max), torch.exp(block_max - new_max)
+            running_sum = running_sum * old_scale + part_sum * new_scale
+            weighted = weighted * old_scale + part * new_scale
+            running_max = new_max
     return weighted / running_sum
 
 
@@ -63,12 +63,12 @@ def optimal_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, c
     x = x_t.double()
     scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
 
-    def logits(block: torch.Tensor) -> torch.Tensor:  # (batch, n_block, 1)
-        distances = torch.cdist(x, scale * block, compute_mode="donot_use_mm_for_euclid_dist")
+    def logits(block: torch.Tensor) -> torch.Tensor:  # (n_block, batch, 1)
+        distances = torch.cdist(scale * block, x, compute_mode="donot_use_mm_for_euclid_dist")
         return -distances.pow(2)[..., None] / (2 * var)
 
     def combine(weights: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        return weights[..., 0] @ block
+        return weights[..., 0].T @ block
 
     return _streaming_posterior_mean(logits, train.double(), chunk, combine).to(x_t.dtype)
 
@@ -134,7 +134,8 @@ def analytic_masks(wiener: WienerFilter, alpha_bar: float, theta: float) -> torc
 
 
 def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, masks: torch.Tensor,
-                      batch_size: int | None = None, chunk: int = 512) -> torch.Tensor:
+                      batch_size: int | None = None, chunk: int = 512,
+                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
     r"""The paper's analytic denoiser. For each output pixel :math:`m`, a posterior mean over training images whose
     distance counts only the masked input pixels :math:`n \in M_m`:
 
@@ -143,37 +144,39 @@ def analytic_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, 
 
     ``batch_size=None`` is this formula (one softmax over the whole training set). An integer reproduces the
     authors' released code instead: the softmax is taken within consecutive batches of that many training
-    images and the per-batch results are averaged, which is a different estimator."""
+    images and the per-batch results are averaged, which is a different estimator. ``chunk`` (training images
+    per pass) only trades memory for speed. ``dtype`` is the arithmetic of the logits and sums: float32 is twice
+    as fast as float64 and agrees with it to about 1e-5 on MNIST."""
+    exact, averaged = analytic_denoiser_pair(x_t, alpha_bar, train, masks, batch_size or chunk, dtype)
+    return exact if batch_size is None else averaged
+
+
+def analytic_denoiser_pair(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, masks: torch.Tensor,
+                           batch_size: int = 512, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Both variants of :func:`analytic_denoiser` from one pass over the training set: (exact, batch-averaged).
+
+    The term :math:`\sum_{n\in M_m} x_{t,n}^2` is the same for every training image, so it drops out of the
+    softmax; what remains, :math:`2\sqrt{\bar\alpha_t}\sum_n M_{nm}x_{t,n}x^{(i)}_n - \bar\alpha_t\sum_n M_{nm}(x^{(i)}_n)^2`,
+    is one matrix product of the training images with the stacked matrices :math:`\mathrm{diag}(x_t)M` of the batch."""
     d = train.shape[1]
     _check_flat(x_t, d)
     if masks.shape != (d, d):
         raise ValueError(f"expected masks of shape ({d}, {d}), got {tuple(masks.shape)}")
-    x, data = x_t.double(), train.double()
+    batch = len(x_t)
+    M = masks.to(dtype)
+    stacked = (x_t.to(dtype)[:, :, None] * M[None]).permute(1, 0, 2).reshape(d, batch * d)  # (d_in, batch * d_out)
     scale, var = math.sqrt(alpha_bar), 1 - alpha_bar
-    M = masks.double()
-    sparse = M.mean().item() < 0.05  # low noise: local masks, a sparse product is cheaper than a dense one
-    M_sparse_t = M.t().to_sparse_csr() if sparse else None  # (d_out, d_in)
-    x_sq = (x**2) @ M  # (batch, d_out): sum over masked n of x_n^2
 
-    def masked_logits(block: torch.Tensor) -> torch.Tensor:  # (batch, n_block, d_out)
-        # cross[b, i, m] = sum_n M[n, m] x[b, n] block[i, n]
-        if sparse:
-            cross = torch.stack([(M_sparse_t @ (block * xb).t()).t() for xb in x])
-            block_sq = (M_sparse_t @ (block**2).t()).t()
-        else:
-            cross = (block[None] * x[:, None, :]) @ M
-            block_sq = (block**2) @ M
-        return -(x_sq[:, None, :] - 2 * scale * cross + scale**2 * block_sq[None]) / (2 * var)
+    def masked_logits(block: torch.Tensor) -> torch.Tensor:  # (n_block, batch, d_out)
+        logits = (block @ stacked).view(len(block), batch, d).mul_(scale / var)
+        return logits.sub_(((block * block) @ M).mul_(alpha_bar / (2 * var))[:, None, :])
 
-    def posterior(pool: torch.Tensor) -> torch.Tensor:
-        return _streaming_posterior_mean(masked_logits, pool, chunk, lambda weights, block: (weights * block[None]).sum(1))
+    def combine(weights: torch.Tensor, block: torch.Tensor) -> torch.Tensor:  # sum_i weights[i, b, m] block[i, m]
+        return torch.einsum("ibm,im->bm", weights, block)
 
-    if batch_size is None:
-        out = posterior(data)
-    else:
-        parts = [posterior(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
-        out = torch.stack(parts).mean(0)
-    return out.to(x_t.dtype)
+    block_means: list[torch.Tensor] = []
+    exact = _streaming_posterior_mean(masked_logits, train.to(dtype), batch_size, combine, block_means)
+    return exact.to(x_t.dtype), torch.stack(block_means).mean(0).to(x_t.dtype)
 
 
 def sensitivity_field(denoiser: Denoiser, x_t: torch.Tensor, alpha_bar: float, pixel: int) -> torch.Tensor:
@@ -220,54 +223,3 @@ def add_pattern(images: torch.Tensor, pattern: torch.Tensor, seed: int, amplitud
     per image, clipped to [-1, 1]: the data of the manipulation experiment."""
     a = (torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
     return (images + a[:, None, None, None] * pattern.to(images.dtype)).clamp(-1, 1)
-
-
-PAPER_TIMESTEPS = tuple(range(900, -1, -100))
-"""The paper's DDIM protocol: 10 steps at 0-indexed times t = 900, 800, ..., 0 ("leading" spacing). In this
-book's schedule, whose index 0 is clean data, 0-indexed time t is step k = t + 1."""
-
-ImageDenoiser = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t images, step k) -> x0_hat images
-
-
-def unet_denoiser(net: nn.Module, schedule: NoiseSchedule) -> ImageDenoiser:
-    r"""A DDPM ε-network as an :math:`\hat x_0` denoiser at step k: :math:`(x_t - \sqrt{1-\bar\alpha_k}\,\hat\varepsilon)/\sqrt{\bar\alpha_k}`."""
-    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
-        eps = net(x.float(), torch.full((len(x),), float(k), device=x.device)).to(x.dtype)
-        return (x - schedule.noise[k].item() * eps) / schedule.signal[k].item()
-    return denoise
-
-
-def flat_denoiser(fn: Denoiser, schedule: NoiseSchedule) -> ImageDenoiser:
-    """Wrap a denoiser on flattened vectors (``fn(x_t, alpha_bar)``) as an image denoiser at step k."""
-    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
-        return fn(x.flatten(1), schedule.alpha_bar[k].item()).reshape(x.shape).to(x.dtype)
-    return denoise
-
-
-@dataclass
-class DDIMTrace:
-    r"""A DDIM run: the final sample, the state before each step and the clipped :math:`\hat x_0` of each step."""
-
-    final: torch.Tensor
-    states: list[torch.Tensor]
-    x0_hats: list[torch.Tensor]
-
-
-@torch.no_grad()
-def ddim_protocol(denoise: ImageDenoiser, x_T: torch.Tensor, schedule: NoiseSchedule,
-                  timesteps: tuple[int, ...] = PAPER_TIMESTEPS, states: list[torch.Tensor] | None = None) -> DDIMTrace:
-    r"""Deterministic DDIM (η = 0) on 0-indexed ``timesteps`` with :math:`\hat x_0` clipped to [-1, 1] at every step;
-    the step after the last time goes to clean data. With ``states`` (another run's states), each step starts
-    from those instead of from this run's own trajectory: the per-step ("score-matching") comparison."""
-    x, seen, x0_hats = x_T, [], []
-    for i, t in enumerate(timesteps):
-        k = t + 1
-        if states is not None:
-            x = states[i]
-        seen.append(x)
-        x0 = denoise(x, k).clamp(-1, 1)
-        x0_hats.append(x0)
-        eps = (x - schedule.signal[k].item() * x0) / schedule.noise[k].item()
-        k_prev = timesteps[i + 1] + 1 if i + 1 < len(timesteps) else 0
-        x = schedule.signal[k_prev].item() * x0 + schedule.noise[k_prev].item() * eps
-    return DDIMTrace(x, seen, x0_hats)
