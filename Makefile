@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 data: $(STAMP)
-	$(BIN)/python -m diffbook.data mnist
+	$(BIN)/python -m diffbook.data mnist fashion_mnist
 
 # MathJax served from the book itself, so formulas render offline (npm package, no install scripts).
 $(MATHJAX):

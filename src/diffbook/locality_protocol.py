@@ -7,8 +7,9 @@ scores each method's final sample, and its per-step :math:`\hat x_0` on the U-Ne
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from tqdm.auto import tqdm
 from .locality import (Denoiser, WienerFilter, analytic_denoiser_pair, analytic_masks, nearest_training_image,
                        optimal_denoiser, r_squared)
 from .schedules import NoiseSchedule
+from .storage import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 PAPER_TIMESTEPS = tuple(range(900, -1, -100))
 """The paper's DDIM protocol: 10 steps at 0-indexed times t = 900, 800, ..., 0 ("leading" spacing). In this
@@ -166,3 +170,10 @@ def r2_experiment(unet: ImageDenoiser, denoisers: dict[str, ImageDenoiser], x_T:
             traces[name] = ddim_protocol(denoisers[name], x_T, schedule, timesteps)
             final[name] = r_squared(traces[name].final, reference.final)
     return R2Result(reference, traces, final, per_step)
+
+
+def stored_r2(dataset: str) -> dict[str, Any] | None:
+    """The record ``benchmarks/locality_r2.py --dataset DATASET --out ...`` saved under ``benchmarks/results``
+    (per-image r² of every method, the command, hardware and wall time), or None if there is none."""
+    path = RESULTS_DIR / f"locality_r2_{dataset}.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -158,7 +158,7 @@ def reflow_pairs(parent: str, n: int, seed: int, device: torch.device | None = N
     return torch.stack([data, noise], dim=1)
 
 
-def _pattern_dataset(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pattern_dataset(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``<dataset>_w``: a dataset with the locality chapter's "W" pattern planted at a random amplitude."""
     from .locality import add_pattern, w_pattern
     dataset = load_dataset(name.removesuffix("_w"), "train")
@@ -167,7 +167,7 @@ def _pattern_dataset(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _load_training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     if config.dataset.endswith("_w"):
-        images, labels = _pattern_dataset(config.dataset, config.seed)
+        images, labels = pattern_dataset(config.dataset, config.seed)
         if config.train_subset is not None:
             images, labels = images[: config.train_subset], labels[: config.train_subset]
         return images, (labels if config.class_conditional else None)
