@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all)")
     parser.add_argument("--no-analytic", action="store_true", help="skip the (slow) analytic denoiser rows")
-    parser.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    parser.add_argument("--out", default=None, help="also write the JSON here, atomically (the chapter reads "
+                        "benchmarks/results/locality_r2_DATASET.json)")
     args = parser.parse_args()
     record = run(args.dataset, args.samples, args.seed, args.train_subset, not args.no_analytic)
     text = json.dumps(record, indent=1)
