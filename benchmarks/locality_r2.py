@@ -21,14 +21,15 @@ import torch
 from diffbook import configs
 from diffbook.data import load_dataset
 from diffbook.device import describe_hardware, pick_device
-from diffbook.locality_protocol import PAPER_R2, PAPER_THETA, paper_denoisers, r2_experiment, unet_denoiser
+from diffbook.locality_protocol import (PAPER_R2, PAPER_SEED, PAPER_THETA, paper_denoisers, protocol_noise, r2_experiment,
+                                        unet_denoiser)
 from diffbook.storage import atomic_write_text
 from diffbook.train import load_or_train
 
 UNETS = {"mnist": configs.MNIST_DDPM, "fashion_mnist": configs.FASHION_DDPM}
 
 
-def run(dataset: str, samples: int, seed: int = 42, train_subset: int | None = None, analytic: bool = True,
+def run(dataset: str, samples: int, seed: int = PAPER_SEED, train_subset: int | None = None, analytic: bool = True,
         progress: bool = True) -> dict:
     """The whole protocol on CPU; returns the JSON-ready record (per-image values included)."""
     device = pick_device("cpu")
@@ -36,20 +37,17 @@ def run(dataset: str, samples: int, seed: int = 42, train_subset: int | None = N
     train = load_dataset(dataset, "train").tensor().flatten(1).double()
     if train_subset:
         train = train[:train_subset]
-    x_T = torch.randn((samples, 1, 28, 28), generator=torch.Generator().manual_seed(seed)).double()
+    x_T = protocol_noise(samples, seed)
     start = time.time()
     result = r2_experiment(unet_denoiser(model.net.eval(), model.schedule),
                            paper_denoisers(train, model.schedule, PAPER_THETA[dataset], analytic=analytic),
                            x_T, model.schedule, progress=progress)
     return {
-        "dataset": dataset, "samples": samples, "seed": seed, "train_images": len(train),
+        "dataset": dataset, "seed": seed, "train_images": len(train),
         "theta": PAPER_THETA[dataset], "unet": model.config.name, "unet_sha256": model.manifest.get("sha256"),
         "command": "python " + " ".join(sys.argv), "hardware": describe_hardware(device),
         "threads": torch.get_num_threads(), "wall_time_s": round(time.time() - start, 1),
-        "torch": torch.__version__, "paper_r2_analytic": PAPER_R2.get(dataset),
-        "summary": result.summary(),
-        "final": {name: values.tolist() for name, values in result.final.items()},
-        "per_step": {name: values.tolist() for name, values in result.per_step.items()},
+        "torch": torch.__version__, "paper_r2_analytic": PAPER_R2.get(dataset), **result.to_record(),
     }
 
 
@@ -57,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(UNETS), default="mnist")
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=PAPER_SEED)
     parser.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all)")
     parser.add_argument("--no-analytic", action="store_true", help="skip the (slow) analytic denoiser rows")
     parser.add_argument("--out", default=None, help="also write the JSON here, atomically (the chapter reads "

@@ -158,3 +158,7 @@ def test_r2_experiment_scores_the_reference_itself_as_one_and_shares_analytic_pa
     assert len(calls) == 10 + 9 + 9
     summary = result.summary()
     assert summary["wiener"]["final"] == pytest.approx(1.0) and summary["wiener"]["final_sem"] == pytest.approx(0.0)
+    record = result.to_record()
+    assert record["samples"] == 5 and result.max_difference(record) == 0.0
+    record["final"]["nearest"][2] += 0.25  # a stored value that this run does not reproduce
+    assert result.max_difference(record) == pytest.approx(0.25)

@@ -26,6 +26,9 @@ PAPER_TIMESTEPS = tuple(range(900, -1, -100))
 """The paper's DDIM protocol: 10 steps at 0-indexed times t = 900, 800, ..., 0 ("leading" spacing). In this
 book's schedule, whose index 0 is clean data, 0-indexed time t is step k = t + 1."""
 
+PAPER_SEED = 42
+"""The seed of the initial noise in the authors' code."""
+
 PAPER_THETA = {"mnist": 0.005, "fashion_mnist": 0.005, "cifar10": 0.05}
 """The mask threshold θ of the analytic denoiser, per dataset, as in the paper."""
 
@@ -87,12 +90,18 @@ class AnalyticDenoiser:
         return lambda x, k: self.pair(x, k)[1]
 
 
-def paper_denoisers(train: torch.Tensor, schedule: NoiseSchedule, theta: float,
-                    analytic: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, ImageDenoiser]:
+def protocol_noise(samples: int, seed: int = PAPER_SEED, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    """The initial noise x_T of the protocol (float64): the same for every method, and the first images of a
+    larger draw are the images of a smaller one only if ``samples`` is the same, so pass the record's count."""
+    return torch.randn((samples, *shape), generator=torch.Generator().manual_seed(seed)).double()
+
+
+def paper_denoisers(train: torch.Tensor, schedule: NoiseSchedule, theta: float, analytic: bool = True,
+                    dtype: torch.dtype = torch.float32, wiener: WienerFilter | None = None) -> dict[str, ImageDenoiser]:
     """The rows of the r² table, as image denoisers, from flattened training images (n, d): the optimal
-    (empirical posterior mean), the Wiener filter, the analytic denoiser (exact and batch-averaged; left out
-    with ``analytic=False``) and the nearest training image."""
-    wiener = WienerFilter.fit(train)
+    (empirical posterior mean), the Wiener filter (fitted to ``train`` unless given), the analytic denoiser
+    (exact and batch-averaged; left out with ``analytic=False``) and the nearest training image."""
+    wiener = wiener or WienerFilter.fit(train)
     rows = {"optimal": flat_denoiser(lambda x, a: optimal_denoiser(x, a, train), schedule),
             "wiener": flat_denoiser(wiener, schedule)}
     if analytic:
@@ -152,6 +161,24 @@ class R2Result:
             out[name] = {"final": final, "final_sem": final_sem, "per_step": per_step.mean().item(),
                          "per_step_sem": mean_sem(self.per_step[name].mean(0))[1]}
         return out
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready: the sample count, :meth:`summary` and every per-image value."""
+        return {"samples": len(self.reference.final), "summary": self.summary(),
+                "final": {name: values.tolist() for name, values in self.final.items()},
+                "per_step": {name: values.tolist() for name, values in self.per_step.items()}}
+
+    def max_difference(self, record: dict[str, Any]) -> float:
+        """The largest |r²| difference, final or per step, between this run and the first images of a stored
+        ``record`` (same methods): how well the record is reproduced."""
+        n = len(self.reference.final)
+        worst = 0.0
+        for name in self.final:
+            final = torch.tensor(record["final"][name][:n], dtype=torch.float64)
+            per_step = torch.tensor(record["per_step"][name], dtype=torch.float64)[:, :n]
+            worst = max(worst, (self.final[name] - final).abs().max().item(),
+                        (self.per_step[name] - per_step).abs().max().item())
+        return worst
 
 
 def r2_experiment(unet: ImageDenoiser, denoisers: dict[str, ImageDenoiser], x_T: torch.Tensor,
