@@ -2,11 +2,13 @@
 
     python benchmarks/sampler_nfe.py [--quick] [--samples N] [--device cpu]
 
-Every sampler of ``diffbook.samplers`` (DDIM, Heun, DPM-Solver++ 2M; Karras times) at NFE in
-{1, 2, 4, 5, 8, 10, 15, 20, 50, 100, 250, 1000}, chapter 1's ancestral sampler at 1000 steps as the
-reference, and the floor (FD of as many real test images). FD is the Fréchet distance in the features of
-the package's MNIST classifier (``diffbook.metrics``). ``--quick``: 64 samples, NFE up to 20, 100 ancestral
-steps. The last field answers: the smallest NFE at which DPM-Solver++ is within 10% of the reference.
+Every sampler of chapter 6's sweep (``diffbook.sweeps.SWEEP_SAMPLERS``: DDIM with eta = 0 and 1, Heun,
+DPM-Solver++ 2M, EDM's stochastic sampler; Karras times) at NFE in {1, 2, 4, 5, 8, 10, 15, 20, 50, 100, 250,
+1000}, the network read as an eps-model on its own schedule's discrete path (``predictor_from_trained``),
+chapter 1's ancestral sampler at 1000 steps as the reference, and the floor (FD of as many real test images).
+FD is the Fréchet distance in the features of the package's MNIST classifier (``diffbook.metrics``).
+``--quick``: 64 samples, NFE up to 20, 100 ancestral steps. ``best`` is each sampler's lowest FD and its NFE;
+the last field answers: the smallest NFE at which DPM-Solver++ is within 10% of the reference.
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import json
 import torch
 
 from diffbook.configs import MNIST_CLASSIFIER, MNIST_DDPM
-from diffbook.conversions import predictor_from_trained
 from diffbook.data import load_dataset
 from diffbook.device import describe_hardware, pick_device, seed_everything
 from diffbook.metrics import QualityReference
-from diffbook.samplers import ancestral_reference, nfe_sweep
+from diffbook.predictors import predictor_from_trained
+from diffbook.sweeps import SWEEP_SAMPLERS, ancestral_reference, nfe_sweep
 from diffbook.train import load_or_train
 
 FULL_NFES = (1, 2, 4, 5, 8, 10, 15, 20, 50, 100, 250, 1000)
@@ -44,15 +46,18 @@ def main() -> None:
     floor = quality.floor(n)
     x_T = torch.randn((n, 1, 28, 28), generator=seed_everything(args.seed)).to(device)
 
-    reference, _ = ancestral_reference(model.net, model.schedule, x_T, ancestral_steps, quality.fd,
+    predictor = predictor_from_trained(model)
+    reference, _ = ancestral_reference(predictor, x_T, ancestral_steps, quality.fd,
                                        generator=seed_everything(args.seed + 1))
-    rows, _ = nfe_sweep(predictor_from_trained(model), x_T, nfes, quality.fd)
+    rows, _ = nfe_sweep(predictor, x_T, nfes, quality.fd, samplers=SWEEP_SAMPLERS, seed=args.seed)
     within = sorted(r["nfe"] for r in rows if r["sampler"] == "dpm++2m" and r["score"] <= 1.1 * reference["score"])
     print(json.dumps({
         "checkpoint": model.manifest.get("sha256"), "classifier": MNIST_CLASSIFIER.name, "samples": n,
         "hardware": describe_hardware(device), "metric": "classifier Frechet distance (lower is better)",
         "floor": {"mean": floor.mean, "std": floor.std, "draws": len(floor.values)},
         "reference": reference, "rows": rows,
+        "best": {name: dict(zip(("score", "nfe"), min((r["score"], r["nfe"]) for r in rows if r["sampler"] == name)))
+                 for name in SWEEP_SAMPLERS},
         "dpm_solver_nfe_within_10pct_of_reference": within[0] if within else None,
     }, indent=2))
 

@@ -19,5 +19,5 @@ def tiny_images(monkeypatch):
     images = rng.integers(0, 256, size=(64, 1, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=64).astype(np.int64)
     dataset = ImageDataset("synthetic", "train", images, labels, tuple(str(i) for i in range(10)))
-    monkeypatch.setattr("diffbook.train.load_dataset", lambda name, split="train": dataset)
+    monkeypatch.setattr("diffbook.training_data.load_dataset", lambda name, split="train": dataset)
     return dataset

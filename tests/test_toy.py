@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from diffbook.toy import GaussianMixture, ring_mixture
+from diffbook.paths import LinearPath, VEPath, VPPath
+from diffbook.toy import GaussianMixture, exact_predictor, ring_mixture
 
 
 def test_score_is_the_gradient_of_log_prob_in_any_dimension():
@@ -43,3 +44,24 @@ def test_invalid_mixture_shapes_and_weights():
         GaussianMixture.isotropic([[0.0], [1.0]], 1.0, weights=[0.5, 0.6])
     with pytest.raises(ValueError, match=r"expected points of shape \(n, 2\)"):
         ring_mixture().score(torch.zeros(4, 3))
+
+
+def test_posterior_means_agree_with_the_score():
+    mixture, x = ring_mixture(), torch.randn(100, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    x0, eps = mixture.posterior_means(x, 0.6, 0.8)
+    torch.testing.assert_close(-eps / 0.8, mixture.noised(0.6, 0.8).score(x))  # Tweedie
+    torch.testing.assert_close(0.6 * x0 + 0.8 * eps, x)
+
+
+@pytest.mark.parametrize("path", [LinearPath(), VPPath(), VEPath()], ids=["linear", "vp", "ve"])
+def test_exact_predictor_is_the_score_of_the_noised_mixture_at_each_samples_time(path):
+    mixture = ring_mixture()
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+    t = torch.tensor([0.2, 0.7, 0.2, 0.45, 0.7, 0.2], dtype=torch.float64)
+    expected = torch.empty_like(x)
+    for value in t.unique():
+        rows = t == value
+        alpha, sigma = path.alpha(value).item(), path.sigma(value).item()
+        expected[rows] = mixture.noised(alpha, sigma).score(x[rows])
+    for kind in ("score", "eps", "x0", "v", "velocity"):  # made in any kind, read as a score
+        torch.testing.assert_close(exact_predictor(mixture, path, kind)(x, t, "score"), expected)

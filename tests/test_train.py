@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from diffbook.nets import UNetConfig
-from diffbook.train import TrainConfig, find_checkpoint, load_checkpoint, load_or_train, run_dir, train
+from diffbook.checkpoints import find_checkpoint, load_checkpoint, run_dir
+from diffbook.configs import TrainConfig
+from diffbook.train import load_or_train, train
 
 TINY = TrainConfig(name="tiny", net_config=UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(),
                                                       dropout=0.1).to_dict(),
@@ -114,3 +116,42 @@ def test_toy_data_trains_an_mlp_and_its_loss_falls(isolated_cache):
     from diffbook.toy import toy_samples
     with pytest.raises(ValueError, match="unknown toy dataset"):
         toy_samples("moons", 10, 0)
+
+
+def test_every_shipped_checkpoint_is_found_by_its_named_config():
+    from diffbook.configs import CONFIGS
+    from diffbook.storage import checkpoints_dir
+    shipped = sorted(path.stem for path in checkpoints_dir().glob("*.pt"))
+    assert len(shipped) >= 8
+    for name in shipped:
+        assert find_checkpoint(CONFIGS[name]) == checkpoints_dir() / f"{name}.pt", name
+
+
+def test_training_data_kinds_are_picked_by_the_dataset_name(tiny_images):
+    from diffbook.checkpoints import TrainedModel
+    from diffbook.configs import CONFIGS
+    from diffbook.locality import add_pattern, w_pattern
+    from diffbook.training_data import load_training_data
+
+    def no_model(config):
+        raise AssertionError("only reflow data needs a trained model")
+
+    images, labels = load_training_data(TINY.replace(dataset="mnist_w", train_subset=10), no_model)
+    plain = torch.from_numpy(tiny_images.images).float() / 127.5 - 1
+    assert torch.equal(images, add_pattern(plain, w_pattern(28), TINY.seed)[:10]) and labels is None
+    images, labels = load_training_data(TINY.replace(class_conditional=True), no_model)
+    assert torch.equal(images, plain) and torch.equal(labels, torch.from_numpy(tiny_images.labels))
+
+    # "reflow:<parent>": the parent network comes from the caller's load_model; the pairs are [ODE(noise), noise].
+    parent_config = CONFIGS["ring_fm_smoke"]
+    parent = TrainedModel(parent_config.build_net().eval(), parent_config, {}, [])
+    asked = []
+    config = CONFIGS["ring_reflow_smoke"].replace(train_subset=16)
+    pairs, labels = load_training_data(config, lambda c: asked.append(c) or parent)
+    assert asked == [parent_config] and pairs.shape == (16, 2, 2) and labels is None
+    assert torch.equal(pairs[:, 1], torch.randn(16, 2, generator=torch.Generator().manual_seed(config.seed)))
+    assert not torch.allclose(pairs[:, 0], pairs[:, 1])
+    with pytest.raises(ValueError, match="unknown training data 'imagenet'"):
+        load_training_data(TINY.replace(dataset="imagenet"), no_model)
+    with pytest.raises(ValueError, match="unknown reflow parent"):
+        load_training_data(TINY.replace(dataset="reflow:nope"), no_model)

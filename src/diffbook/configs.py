@@ -1,12 +1,85 @@
-"""Named training configs: the ones chapters load, and the ones ``python -m diffbook.train NAME`` runs.
+"""Training configs: :class:`TrainConfig` (everything that determines a trained network) and the named configs.
 
-Each chapter uses three of them through its profile: ``*_smoke`` (seconds, for tests), the default (the
+Each chapter uses three named configs through its profile: ``*_smoke`` (seconds, for tests), the default (the
 checkpoint shipped under ``checkpoints/``, trained on a CPU) and ``*_full`` (the paper's scale, for a GPU).
+:data:`CONFIGS` holds them all by name; ``python -m diffbook.train NAME`` trains one.
 """
 from __future__ import annotations
 
-from .nets import ClassifierConfig, MLPConfig, UNetConfig
-from .train import TrainConfig
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .losses import OBJECTIVES
+from .nets import ClassifierConfig, MLPConfig, UNetConfig, build_net
+from .schedules import NoiseSchedule
+
+# Fields that do not change the trained weights, and so do not change a run's identity.
+_NOT_IDENTITY = ("checkpoint_every",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained network. Two equal configs give identical weights on CPU.
+
+    ``dataset`` names the training data (see :mod:`diffbook.training_data`): an image dataset, a 2-D toy set,
+    ``<image dataset>_w`` or ``reflow:<config name>``.
+    """
+
+    name: str
+    dataset: str = "mnist"
+    net: str = "unet"
+    net_config: dict = field(default_factory=dict)
+    objective: str = "ddpm_eps"
+    schedule: str = "linear"
+    T: int = 1000
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    train_subset: int | None = None
+    class_conditional: bool = False
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "T"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def identity(self) -> str:
+        """A short hash of the fields that determine the weights."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    def build_net(self) -> nn.Module:
+        return build_net(self.net, self.net_config)
+
+    def build_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.named(self.schedule, self.T)
+
 
 _MNIST_UNET = UNetConfig().to_dict()
 
@@ -32,7 +105,8 @@ RING_EPS_SMOKE = RING_EPS.replace(name="ring_eps_smoke", steps=200, net_config=M
 RING_EPS_FULL = RING_EPS.replace(name="ring_eps_full", steps=40_000, lr=1e-3, ema_decay=0.999, checkpoint_every=5000)
 
 
-def _profiles(bases: tuple[TrainConfig, TrainConfig, TrainConfig], name: str, **changes) -> tuple[TrainConfig, ...]:
+def _profiles(bases: tuple[TrainConfig, TrainConfig, TrainConfig], name: str,
+              **changes: Any) -> tuple[TrainConfig, ...]:
     """The default, smoke and full configs of ``bases`` with ``changes``, named ``name``, ``name_smoke``, ``name_full``."""
     return tuple(base.replace(name=name + suffix, **changes) for base, suffix in zip(bases, ("", "_smoke", "_full")))
 
@@ -64,6 +138,5 @@ MNIST_CLASSIFIER = TrainConfig(name="mnist_classifier", dataset="mnist", net="cl
 MNIST_CLASSIFIER_SMOKE = MNIST_CLASSIFIER.replace(
     name="mnist_classifier_smoke", steps=30, batch_size=64, train_subset=2048, warmup_steps=5, checkpoint_every=10,
     net_config=ClassifierConfig(channels=(8, 16), features=32).to_dict())
-FASHION_CLASSIFIER = MNIST_CLASSIFIER.replace(name="fashion_classifier", dataset="fashion_mnist", steps=4000)
 
 CONFIGS: dict[str, TrainConfig] = {c.name: c for c in list(globals().values()) if isinstance(c, TrainConfig)}

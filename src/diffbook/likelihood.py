@@ -16,7 +16,10 @@ from typing import Callable
 import torch
 
 from .elbo import bits_per_dim
-from .ode import Velocity, heun, time_grid
+from .predictors import Predictor
+from .samplers import sample_heun, time_grid
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def divergence_exact(velocity: Velocity, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +48,12 @@ def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
     return -0.5 * flat.pow(2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
 
 
-def ode_log_likelihood(velocity: Velocity, x0: torch.Tensor, *, n_steps: int = 100, t_start: float = 0.0,
+def ode_log_likelihood(model: Predictor, x0: torch.Tensor, *, n_steps: int = 100, t_start: float = 0.0,
                        t_end: float = 1.0, times: torch.Tensor | None = None, divergence: str = "exact", generator: torch.Generator | None = None,
                        prior_log_prob: Callable[[torch.Tensor], torch.Tensor] = standard_normal_log_prob,
                        progress: bool = False) -> torch.Tensor:
-    r""":math:`\log p_{t_\text{start}}(x_0)` in nats per sample (float64), integrating the augmented ODE
+    r""":math:`\log p_{t_\text{start}}(x_0)` in nats per sample (float64) under ``model``'s probability-flow ODE,
+    integrating the augmented ODE
     :math:`(\dot x, \dot\ell) = (u_t(x), \nabla\cdot u_t(x))` from ``t_start`` to ``t_end`` with Heun steps and
     scoring the end point under ``prior_log_prob``. ``times`` (increasing) replaces the uniform grid, e.g. to put
     more steps where the field changes fast. ``divergence="hutchinson"`` draws one Rademacher probe
@@ -57,6 +61,7 @@ def ode_log_likelihood(velocity: Velocity, x0: torch.Tensor, *, n_steps: int = 1
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     shape, dims = x0.shape, x0[0].numel()
+    velocity = model.velocity
     if divergence == "hutchinson":
         probe = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(x0.dtype).to(x0.device)
 
@@ -70,7 +75,7 @@ def ode_log_likelihood(velocity: Velocity, x0: torch.Tensor, *, n_steps: int = 1
 
     start = torch.cat([x0.flatten(1), torch.zeros(shape[0], 1, dtype=x0.dtype, device=x0.device)], dim=1)
     grid = time_grid(n_steps, t_start, t_end) if times is None else times
-    end = heun(augmented, start, grid, progress=progress)
+    end = sample_heun(Predictor(augmented, "velocity", model.path), start, grid, progress=progress)
     x1, integral = end[:, :dims].reshape(shape), end[:, dims].double()
     return prior_log_prob(x1).cpu() + integral.cpu()
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .interpolants import Interpolant, LinearInterpolant
+from .paths import LinearPath, NoisePath
 from .schedules import NoiseSchedule
 
 Objective = Callable[[nn.Module, torch.Tensor, NoiseSchedule, torch.Generator, "torch.Tensor | None"], torch.Tensor]
@@ -38,7 +38,7 @@ def denoising_score_matching_loss(score: Callable[[torch.Tensor, float], torch.T
 
 
 def flow_matching_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
-                       y: torch.Tensor | None = None, *, interpolant: Interpolant = LinearInterpolant(),
+                       y: torch.Tensor | None = None, *, path: NoisePath = LinearPath(),
                        noise: torch.Tensor | None = None) -> torch.Tensor:
     r"""Conditional flow matching (Lipman et al. 2023):
     :math:`\mathbb{E}_{t\sim U(0,1),\,x_0,\,\varepsilon}\lVert v_\theta(x_t, t) - (\dot\alpha_t x_0 + \dot\sigma_t\varepsilon)\rVert^2`,
@@ -49,8 +49,8 @@ def flow_matching_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator)
     noise, t = noise.to(x0.device), t.to(x0.device)
-    x_t = interpolant.sample(x0, noise, t)
-    target = interpolant.conditional_velocity(x0, noise, t)
+    x_t = path.sample(x0, noise, t)
+    target = path.conditional_velocity(x0, noise, t)
     return (net(x_t, (schedule.T * t).float(), y).float() - target).pow(2).mean()
 
 

@@ -153,3 +153,20 @@ class QualityReference:
 
     def floor(self, n: int, seeds: int = 5) -> Floor:
         return fd_floor(self.train_features, self.test_features, n, seeds)
+
+
+def straightness(trajectory: list[torch.Tensor], times: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample curvature of a discretised path, Liu et al. (2023)'s straightness:
+    :math:`S = \int_0^1 \lVert \dot x_t - (x_1 - x_0)\rVert^2 dt` (with :math:`\dot x` from finite differences);
+    0 exactly when the path is a straight line at constant speed. ``trajectory`` holds the states at ``times``
+    (:meth:`diffbook.samplers.Trajectory.states`)."""
+    if times.ndim != 1 or len(times) < 2 or len(trajectory) != len(times):
+        raise ValueError(f"need one state per time: {len(trajectory)} states for {tuple(times.shape)} times")
+    chord = (trajectory[0] - trajectory[-1]) / (times[0] - times[-1]).item()
+    total = torch.zeros(trajectory[0].shape[0], dtype=torch.float64)
+    for i in range(len(times) - 1):
+        h = (times[i + 1] - times[i]).item()
+        speed = (trajectory[i + 1] - trajectory[i]) / h
+        total += abs(h) * (speed - chord).flatten(1).pow(2).sum(1).double().cpu()
+    return total
+

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .paths import DiscretePath
+
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. (2020): :math:`\\beta_t` linear from ``beta_start`` (t=1) to ``beta_end`` (t=T)."""
@@ -138,6 +140,11 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must lie in 1..{self.T}, got {steps[0].item()}..{steps[-1].item()}")
         alpha_bar = self.alpha_bar[torch.cat([torch.zeros(1, dtype=torch.long), steps])]
         return NoiseSchedule.from_betas(1 - alpha_bar[1:] / alpha_bar[:-1])
+
+    def path(self) -> DiscretePath:
+        r"""The :class:`~diffbook.paths.DiscretePath` of this schedule: :math:`\alpha_t^2 = \bar\alpha_k` at :math:`t = k/T`,
+        the path on which every network trained on these steps is read."""
+        return DiscretePath(self.alpha_bar)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw from :math:`q(x_t\\mid x_0)`: :math:`\\sqrt{\\bar\\alpha_t}x_0 + \\sqrt{1-\\bar\\alpha_t}\\varepsilon`, per-example ``t``."""

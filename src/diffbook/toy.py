@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .conversions import Predictor, from_x0_eps
-from .interpolants import Interpolant
+from .paths import NoisePath
+from .predictors import Predictor, from_x0_eps, per_time
 
 
 @dataclass(frozen=True)
@@ -127,20 +127,16 @@ def ring_mixture(radius: float = 4.0, std: float = 0.4) -> GaussianMixture:
     return GaussianMixture.isotropic(means, std, weights / weights.sum())
 
 
-def exact_predictor(mixture: GaussianMixture, interpolant: Interpolant, kind: str = "velocity") -> Predictor:
-    r"""The exact ``kind`` prediction for data ``mixture`` on ``interpolant``, from its posterior means
+def exact_predictor(mixture: GaussianMixture, path: NoisePath, kind: str = "velocity") -> Predictor:
+    r"""The exact ``kind`` prediction for data ``mixture`` on ``path``, from its posterior means
     :math:`(\mathbb E[x_0\mid x_t], \mathbb E[\varepsilon\mid x_t])`: what a perfectly trained network would output.
     Computed directly in ``kind`` (no conversion, so no division by a vanishing α or σ); each sample may have
     its own time."""
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        for value in t.unique():
-            rows = t == value
-            coefficients = interpolant.coefficients(value, x[rows])
-            x0, eps = mixture.posterior_means(x[rows], coefficients[0].item(), coefficients[1].item())
-            out[rows] = from_x0_eps(x0, eps, kind, *coefficients).to(x.dtype)
-        return out
-    return Predictor(predict, kind, interpolant)
+    def predict(x: torch.Tensor, t: float) -> torch.Tensor:
+        coefficients = path.coefficients(t, x)
+        x0, eps = mixture.posterior_means(x, coefficients[0].item(), coefficients[1].item())
+        return from_x0_eps(x0, eps, kind, *coefficients).to(x.dtype)
+    return Predictor(per_time(predict), kind, path)
 
 
 TOY_DATASETS = {"ring": ring_mixture}

@@ -1,0 +1,112 @@
+"""Checkpoint files: where a run keeps its state, the released ``<name>.pt`` with its manifest, and finding them.
+
+A released checkpoint is two files: ``<name>.pt`` (EMA weights in float32, the config, the loss history) and
+``<name>.json`` (the manifest: what made it, on which hardware, in how long, and the ``.pt``'s sha256).
+:func:`find_checkpoint` looks for one whose manifest records exactly a given config (by
+:meth:`~diffbook.configs.TrainConfig.identity`), first under ``checkpoints/`` and then in the run cache.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .configs import TrainConfig
+from .device import autocast_dtype, describe_hardware, pick_device
+from .nets import count_parameters
+from .schedules import NoiseSchedule
+from .storage import atomic_torch_save, atomic_write_text, cache_dir, checkpoints_dir, sha256_file
+
+
+@dataclass
+class TrainedModel:
+    """A trained network (EMA weights, eval mode) with what made it."""
+
+    net: nn.Module
+    config: TrainConfig
+    manifest: dict[str, Any]
+    loss_history: list[float]
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.config.build_schedule()
+
+
+def runs_dir() -> Path:
+    """Where training runs keep their resumable state: ``<cache>/runs``."""
+    return cache_dir() / "runs"
+
+
+def run_dir(config: TrainConfig) -> Path:
+    """The directory of the run that trains ``config``: ``<cache>/runs/<name>-<config identity>``."""
+    return runs_dir() / f"{config.name}-{config.identity()}"
+
+
+def build_manifest(config: TrainConfig, step: int, wall_time: float, losses: list[float], device: torch.device,
+                   net: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records about the run that made it (``release`` adds the file's name, size and sha256)."""
+    tail = losses[-200:]
+    return {
+        "name": config.name,
+        "config": config.to_dict(),
+        "config_identity": config.identity(),
+        "seed": config.seed,
+        "steps": step,
+        "wall_time_s": round(wall_time, 1),
+        "device": device.type,
+        "hardware": describe_hardware(device),
+        "precision": str(autocast_dtype(device, config.precision) or torch.float32).replace("torch.", ""),
+        "parameters": count_parameters(net),
+        "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+        "torch_version": torch.__version__,
+        "diffbook_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def release(ema: nn.Module, config: TrainConfig, manifest: dict[str, Any], losses: list[float],
+            directory: str | os.PathLike) -> dict[str, Any]:
+    """Write ``<name>.pt`` (EMA weights, float32, CPU) and ``<name>.json`` (manifest with its sha256)."""
+    weights = {k: v.detach().float().cpu() for k, v in ema.state_dict().items()}
+    path = Path(directory) / f"{config.name}.pt"
+    digest = atomic_torch_save({"config": config.to_dict(), "ema": weights, "losses": losses}, path)
+    manifest = {**manifest, "file": path.name, "sha256": digest, "bytes": path.stat().st_size}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | None = None) -> TrainedModel:
+    """Load a released checkpoint, verifying its sha256 against the manifest beside it."""
+    path = Path(path)
+    manifest_path = path.with_suffix(".json")
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no manifest {manifest_path} beside {path}")
+    manifest = json.loads(manifest_path.read_text())
+    digest = sha256_file(path)
+    if digest != manifest["sha256"]:
+        raise RuntimeError(f"{path} is corrupt or was replaced: sha256 {digest} != manifest {manifest['sha256']}. "
+                           f"Retrain with `{manifest['command']}` or restore the file from git.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(payload["config"])
+    net = config.build_net()
+    net.load_state_dict(payload["ema"])
+    net = net.to(device or pick_device()).eval().requires_grad_(False)
+    return TrainedModel(net, config, manifest, payload["losses"])
+
+
+def find_checkpoint(config: TrainConfig) -> Path | None:
+    """A released checkpoint whose manifest records exactly ``config``: shipped first, then the run cache."""
+    for path in (checkpoints_dir() / f"{config.name}.pt", run_dir(config) / f"{config.name}.pt"):
+        manifest_path = path.with_suffix(".json")
+        if path.exists() and manifest_path.exists():
+            recorded = TrainConfig.from_dict(json.loads(manifest_path.read_text())["config"])
+            if recorded.identity() == config.identity():
+                return path
+    return None
