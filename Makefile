@@ -37,7 +37,7 @@ book: $(STAMP) data $(MATHJAX)
 	@echo "open _build/html/index.html"
 
 pytest: $(STAMP) data
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 nbval: $(STAMP) data
 	DIFFBOOK_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from .predictors import Predictor
 from .schedules import NoiseSchedule
 
 
@@ -42,9 +42,11 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std
 
 
 @torch.no_grad()
-def ddpm_bound_terms(net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
-                     y: torch.Tensor | None = None) -> torch.Tensor:
-    """The terms :math:`L_0, L_1, …, L_T` in nats per image, shape ``(batch, T + 1)`` (one net call per ``t``).
+def ddpm_bound_terms(model: Predictor, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """The terms :math:`L_0, L_1, …, L_T` in nats per image, shape ``(batch, T + 1)``, of ``model`` (a predictor on
+    ``schedule``'s path, e.g. :func:`~diffbook.predictors.predictor_from_trained`; one evaluation per step, at
+    :math:`t = k/T`).
 
     Each :math:`L_{t-1}` uses one draw :math:`x_t \\sim q(x_t|x_0)` from ``generator``: an unbiased estimate.
     """
@@ -60,7 +62,7 @@ def ddpm_bound_terms(net: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
         tt = torch.full((x0.shape[0],), t, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         x_t = schedule.q_sample(x0, tt, noise)
-        eps = net(x_t, tt.float().to(device), y).float()
+        eps = model(x_t, t / T, "eps").float()
         coef = beta[t].item() / (1 - abar[t].item()) ** 0.5
         mean_p = (x_t - coef * eps) / (1 - beta[t].item()) ** 0.5
         if t == 1:
