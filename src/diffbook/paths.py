@@ -4,12 +4,13 @@ every model, loss and sampler of the book lives on.
 A path fixes, for each data point, the conditional velocity :math:`\dot\alpha_t x_0 + \dot\sigma_t \varepsilon` that flow
 matching regresses on, the log signal-to-noise ratio :math:`\lambda_t = \log(\alpha_t^2/\sigma_t^2)` in which samplers
 space their steps, and the SDE :math:`dx = f_t x\,dt + g_t\,dW` with the same marginals (Song et al. 2021;
-Kingma et al. 2021, eq. 33):
+Kingma et al. 2021):
 
 .. math::
     f_t = \frac{\dot\alpha_t}{\alpha_t}, \qquad g_t^2 = 2\sigma_t\dot\sigma_t - 2\frac{\dot\alpha_t}{\alpha_t}\sigma_t^2 .
 
-- :class:`LinearPath`: :math:`\alpha_t = 1 - t`, :math:`\sigma_t = t` (rectified flow; Lipman et al.'s OT path).
+- :class:`LinearPath`: :math:`\alpha_t = 1 - t`, :math:`\sigma_t = t` (rectified flow; Lipman et al.'s OT path with
+  :math:`\sigma_\min = 0`, their time reversed).
 - :class:`VPPath`: :math:`\alpha_t = e^{-B(t)/2}`, :math:`\sigma_t = \sqrt{1 - \alpha_t^2}`,
   :math:`B(t) = \beta_\min t + \tfrac12(\beta_\max - \beta_\min)t^2`: the VP SDE, the continuous limit of DDPM.
 - :class:`SubVPPath`: :math:`\alpha_t = e^{-B(t)/2}`, :math:`\sigma_t = 1 - \alpha_t^2` (the sub-VP SDE).
@@ -18,7 +19,8 @@ Kingma et al. 2021, eq. 33):
   (Nichol & Dhariwal 2021, without their clipping of β).
 - :class:`DiscretePath`: the path of a trained DDPM schedule: at :math:`t = k/T` its :math:`\alpha_t^2` *is* the
   schedule's :math:`\bar\alpha_k`, and between steps :math:`\lambda_t` is interpolated linearly. A network trained on
-  the steps of that schedule is read on this path, so it only ever sees the noise levels it was trained at
+  the steps of that schedule is read on this path: at :math:`t = k/T` it sees exactly step k and its training noise
+  level; between steps, a fractional step index at the interpolated level
   (see :func:`diffbook.predictors.predictor_from_trained`).
 """
 from __future__ import annotations
@@ -231,7 +233,10 @@ class DiscretePath(NoisePath):
     At every step :math:`\alpha_t^2 = \bar\alpha_k` exactly. For :math:`t \ge 1/T` the log-SNR is linear between steps
     (and continues with the last step's slope beyond t = 1, where a change of path may ask for more noise than the
     schedule ever had); on :math:`[0, 1/T]`, where :math:`\lambda_0 = \infty`, :math:`\sigma_t^2` is linear instead.
-    Time derivatives are those of the step *below* t, the one a reverse-time sampler takes next. Build it with
+    Time derivatives are those of the segment *below* t (at a step, the one a reverse-time sampler takes next;
+    an increasing grid gets the other one-sided derivative there). Because :math:`\dot\alpha, \dot\sigma` jump at every
+    step, a solver stepping in t across many steps keeps an error of order 1/T; the samplers in
+    :math:`(\rho, y)` or :math:`\lambda` (DDIM, EDM's Heun, DPM-Solver++) use only α and σ and do not. Build it with
     :meth:`diffbook.schedules.NoiseSchedule.path`."""
 
     alpha_bar: torch.Tensor  # (T + 1,), float64, alpha_bar[0] = 1
@@ -260,7 +265,8 @@ class DiscretePath(NoisePath):
         return u, j, on_step & (nearest >= 0) & (nearest <= self.T)
 
     def _alpha_bar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(:math:`\\alpha_t^2`, :math:`d\\lambda/dt`, or, on the first segment, :math:`d\\sigma^2/dt` with a NaN λ slope)."""
+        """(:math:`\\alpha_t^2`, :math:`d\\lambda/dt`); on the first segment, where σ² is linear instead, the λ slope is
+        meaningless (-inf) and unused."""
         u, j, on_step = self._segment(t)
         table = self.alpha_bar.to(t.device)
         lam = self._log_snr.to(t.device)

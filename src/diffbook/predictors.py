@@ -166,7 +166,8 @@ def predictor_from_trained(model, y: torch.Tensor | None = None) -> Predictor:
 
     Networks see time as :math:`T t`. A DDPM network (objective ``ddpm_eps``), trained on the steps
     :math:`k = 1..T` of its schedule, is the ε-model on that schedule's :class:`~diffbook.paths.DiscretePath`: at
-    :math:`t = k/T` it is evaluated at step :math:`k` and noise level :math:`\bar\alpha_k`, exactly as in training.
+    :math:`t = k/T` it is evaluated at step :math:`k` and noise level :math:`\bar\alpha_k`, exactly as in training
+    (between steps, at the fractional step :math:`Tt` and the interpolated level, which it was never trained on).
     Flow-matching networks are velocity models on the linear path. ``y`` fixes class labels, if any.
     """
     objective = model.config.objective

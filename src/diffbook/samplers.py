@@ -18,10 +18,10 @@ sampler                     method                                              
 :func:`sample_ddim`         DDIM, Euler in :math:`(\rho, y)`; ``eta > 0`` adds noise (Song et al. 2021)            1
 :func:`sample_euler`        Euler in :math:`(t, x)` on the velocity                                           1
 :func:`sample_heun`         Heun in :math:`(t, x)`, or in :math:`(\rho, y)` with ``scaled=True`` (Karras et al. 2022, Alg. 1)  2
-:func:`sample_dpm_solver_pp_2m` DPM-Solver++(2M), exponential integrator in :math:`\lambda` (Lu et al. 2022)        1
+:func:`sample_dpm_solver_pp_2m` DPM-Solver++(2M), exponential integrator in :math:`\log(\alpha/\sigma)` (Lu et al. 2022)  1
 :func:`sample_edm_stochastic` EDM's stochastic sampler with churn (Karras et al. 2022, Alg. 2)                    2
 :func:`sample_euler_maruyama` the reverse-time SDE (Anderson 1982), Euler–Maruyama                               1
-:func:`sample_predictor_corrector` Langevin corrector + reverse-SDE predictor (Song et al. 2021, Alg. 2)     1 + corrector
+:func:`sample_predictor_corrector` Langevin corrector, then reverse-SDE step (after Song et al. 2021)        1 + corrector
 :func:`sample_annealed_langevin` annealed Langevin dynamics (Song & Ermon 2019)                               steps/level
 =========================== ======================================================== ============
 """
@@ -263,9 +263,10 @@ def sample_heun(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, gener
 def sample_dpm_solver_pp_2m(model: Predictor, x: torch.Tensor, times: torch.Tensor, *,
                             generator: torch.Generator | None = None, callback: Callback | None = None,
                             progress: bool = False) -> torch.Tensor:
-    r"""DPM-Solver++(2M), data prediction, Lu et al. (2022) Algorithm 2. With :math:`\lambda = \log(\alpha/\sigma)`,
-    :math:`h = \lambda_s - \lambda_t`: :math:`x_s = \tfrac{\sigma_s}{\sigma_t}x_t - \alpha_s(e^{-h} - 1)D`, where
-    :math:`D = \hat x_0` on the first and last steps (then the update is DDIM's) and
+    r"""DPM-Solver++(2M), data prediction, Lu et al. (2022) Algorithm 2. With Lu et al.'s :math:`\lambda = \log(\alpha/\sigma)`
+    (half of :meth:`NoisePath.log_snr`), :math:`h = \lambda_s - \lambda_t`:
+    :math:`x_s = \tfrac{\sigma_s}{\sigma_t}x_t - \alpha_s(e^{-h} - 1)D`, where :math:`D = \hat x_0` on the first step and, as
+    in k-diffusion and diffusers (not in Lu et al.), on the last (then the update is DDIM's), and
     :math:`D = (1 + \tfrac1{2r})\hat x_0^{(t)} - \tfrac1{2r}\hat x_0^{(\text{prev})}`, :math:`r = h_\text{prev}/h`, otherwise."""
     grid = _check_times(times)
     previous = None  # (x0_hat, h) of the previous step
@@ -327,8 +328,8 @@ def sample_edm_stochastic(model: Predictor, x: torch.Tensor, times: torch.Tensor
 
 def _langevin_step(x: torch.Tensor, score: torch.Tensor, generator: torch.Generator | None, snr: float
                    ) -> torch.Tensor:
-    """One corrector step (Song et al. 2021, Algorithm 5) with the ``score`` at ``x``: step size from the target
-    signal-to-noise ratio ``snr``."""
+    """One Langevin corrector step with the ``score`` at ``x``, its size set by the target signal-to-noise ratio ``snr``
+    (the rule of Song et al. 2021, Algorithm 4)."""
     z = _noise(x, generator)
     flat_norm = lambda v: v.reshape(v.shape[0], -1).norm(dim=1).mean()
     step = 2 * (snr * flat_norm(z) / flat_norm(score).clamp_min(1e-12)) ** 2
@@ -339,7 +340,8 @@ def _langevin_step(x: torch.Tensor, score: torch.Tensor, generator: torch.Genera
 def sample_predictor_corrector(model: Predictor, x: torch.Tensor, times: torch.Tensor, *,
                                generator: torch.Generator | None = None, callback: Callback | None = None,
                                corrector_steps: int = 1, snr: float = 0.16, progress: bool = False) -> torch.Tensor:
-    r"""Song et al. (2021), Algorithm 2: at each time, ``corrector_steps`` Langevin steps with the score at that
+    r"""Predictor–corrector sampling after Song et al. (2021), Algorithms 1 and 4, in the order corrector first: at each
+    time, ``corrector_steps`` Langevin steps with the score at that
     time (step size :math:`\epsilon = 2(r\,\overline{\lVert z\rVert}/\overline{\lVert s\rVert})^2`, norms averaged over the
     batch, ``snr`` = r), then one Euler–Maruyama step of the reverse-time SDE (Anderson 1982) of the model's path,
     :math:`dx = [f_t x - g_t^2\nabla\log p_t(x)]\,dt + g_t\,d\bar W` (:math:`f, g` from
@@ -380,7 +382,8 @@ def sample_annealed_langevin(model: Predictor, x: torch.Tensor, times: torch.Ten
     r"""Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): at each time of ``times`` but the last (the
     noise levels, decreasing), ``steps_per_level`` steps of :math:`x \leftarrow x + \eta\,\hat s_t(x) + \sqrt{2\eta}\,z` with
     :math:`\eta = \epsilon\,\rho_t^2/\rho_L^2` (:math:`\rho = \sigma/\alpha`, :math:`\rho_L` the last level's). On a VE path this
-    is exactly NCSN's sampler; ``times[-1]`` only closes the grid."""
+    is NCSN's sampler, whose update :math:`x + \tfrac{a}{2}s + \sqrt{a}\,z` has :math:`a = 2\eta`: their step constant is twice
+    ``epsilon``. ``times[-1]`` only closes the grid."""
     grid = _check_times(times)
     levels = grid[:-1]
     ratios = [(lambda a, s: s / a)(*_coefficients(model.path, t)) for t in levels]
