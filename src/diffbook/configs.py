@@ -1,7 +1,8 @@
 """Training configs: :class:`TrainConfig` (everything that determines a trained network) and the named configs.
 
-Each chapter uses three named configs through its profile: ``*_smoke`` (seconds, for tests), the default (the
-checkpoint shipped under ``checkpoints/``, trained on a CPU) and ``*_full`` (the paper's scale, for a GPU).
+Each network has three named configs: the default (the checkpoint shipped under ``checkpoints/``, trained on a CPU;
+the ``smoke`` and ``default`` profiles of the chapters load it), ``*_full`` (the paper's scale, for a GPU; the ``full``
+profile) and ``*_smoke`` (trains in seconds: the package tests and the chapters' exercises use it).
 :data:`CONFIGS` holds them all by name; ``python -m diffbook.train NAME`` trains one.
 """
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Run profiles: one switch between a seconds-long test run, the CPU book build and GPU-scale training.
 
-- ``smoke``: what the tests run; tiny models, a few steps, seconds per chapter.
-- ``default``: what ``make book`` runs on a laptop CPU; loads the shipped checkpoints, minutes per chapter.
+- ``smoke``: what ``make test`` runs; the shipped checkpoints with small sample counts, well under a minute per
+  chapter. Every quantitative claim of a chapter is asserted here too, with a tolerance that follows from the
+  smaller sample (see :mod:`diffbook.checks`); the training loop itself is covered by the package tests.
+- ``default``: what ``make book`` runs on a laptop CPU; the shipped checkpoints with the sample sizes the text
+  quotes, minutes per chapter.
 - ``full``: the paper's scale, trained from scratch; meant for a GPU.
 
 A chapter's tagged ``parameters`` cell sets ``PROFILE = None``; :func:`current_profile` then reads
