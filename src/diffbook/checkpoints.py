@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .configs import TrainConfig
 from .device import autocast_dtype, describe_hardware, pick_device
 from .nets import count_parameters
 from .schedules import NoiseSchedule
-from .storage import atomic_torch_save, atomic_write_text, cache_dir, checkpoints_dir, sha256_file
+from .storage import atomic_write_bytes, atomic_write_text, cache_dir, checkpoints_dir, sha256_bytes, sha256_file, torch_bytes
 
 
 @dataclass
@@ -73,12 +74,22 @@ def build_manifest(config: TrainConfig, step: int, wall_time: float, losses: lis
 
 def release(ema: nn.Module, config: TrainConfig, manifest: dict[str, Any], losses: list[float],
             directory: str | os.PathLike) -> dict[str, Any]:
-    """Write ``<name>.pt`` (EMA weights, float32, CPU) and ``<name>.json`` (manifest with its sha256)."""
+    """Write ``<name>.pt`` (EMA weights, float32, CPU) and ``<name>.json`` (manifest with its sha256).
+
+    Refuses weights or losses that are not finite, so a diverged run never replaces a good checkpoint.
+    """
     weights = {k: v.detach().float().cpu() for k, v in ema.state_dict().items()}
     path = Path(directory) / f"{config.name}.pt"
-    digest = atomic_torch_save({"config": config.to_dict(), "ema": weights, "losses": losses}, path)
-    manifest = {**manifest, "file": path.name, "sha256": digest, "bytes": path.stat().st_size}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n")
+    broken = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if broken or not all(math.isfinite(value) for value in losses):
+        what = f"weights {', '.join(broken[:3])}" if broken else "loss history"
+        raise ValueError(f"refusing to release {config.name}: its {what} contain NaN or infinity; "
+                         f"{path} is left as it was")
+    data = torch_bytes({"config": config.to_dict(), "ema": weights, "losses": losses})
+    manifest = {**manifest, "file": path.name, "sha256": sha256_bytes(data), "bytes": len(data)}
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"  # before writing anything: NaN is not JSON
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_suffix(".json"), text)
     return manifest
 
 

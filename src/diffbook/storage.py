@@ -2,7 +2,9 @@
 
 Every file the package writes goes through :func:`atomic_write_bytes` or :func:`atomic_torch_save`:
 the bytes land in a temporary file in the same directory and are renamed into place, so an
-interrupted write never leaves a half-written file under the final name.
+interrupted write never leaves a half-written file under the final name. A write killed outright (power
+loss, ``kill -9``) can leave its temporary ``.<name>.<pid>.*.part`` behind; the next write of the same
+file removes it once its process is gone.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file and :func:`os.replace` (atomic on POSIX and Windows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    remove_stale_parts(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".part")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
@@ -63,6 +67,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or the platform cannot tell: keep its file
+    return True
+
+
+def remove_stale_parts(path: str | os.PathLike, max_age_s: float = 86_400.0) -> list[Path]:
+    """Delete temporary files of earlier, killed writes of ``path``; returns what was removed.
+
+    A part file is stale when the process that wrote it (its name records the pid) no longer runs, or, for
+    files without a pid, when it is older than ``max_age_s``. Parts of a write in progress are kept.
+    """
+    path = Path(path)
+    removed = []
+    for part in path.parent.glob(f".{path.name}.*.part"):
+        middle = part.name[len(path.name) + 2:-len(".part")].split(".", 1)[0]
+        try:
+            stale = not _process_alive(int(middle)) if middle.isdigit() else (
+                time.time() - part.stat().st_mtime > max_age_s)
+            if stale and middle != str(os.getpid()):
+                part.unlink()
+                removed.append(part)
+        except FileNotFoundError:
+            continue  # another writer removed or renamed it meanwhile
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -73,10 +108,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
-    """``torch.save`` atomically; returns the sha256 of the bytes written."""
+def torch_bytes(obj: Any) -> bytes:
+    """What ``torch.save(obj)`` would write, as bytes."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
+    """``torch.save`` atomically; returns the sha256 of the bytes written."""
+    data = torch_bytes(obj)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)

@@ -62,22 +62,48 @@ def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM (``timeout``, a job scheduler, a container stop).
+
+    Raised after the state of the last finished step is saved; ``signum`` gives the conventional exit status
+    ``128 + signum`` that the command line exits with.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; nothing was saved from the diverged step on."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[dict[str, bool]]:
-    """Turn Ctrl-C into a flag checked between steps, so a run always stops on a finished step."""
-    flag = {"set": False}
+def _deferred_interrupt() -> Iterator[dict[str, int | None]]:
+    """Turn SIGINT and SIGTERM into a flag checked between steps, so a run always stops on a finished step."""
+    flag: dict[str, int | None] = {"signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        flag["set"] = True
+        flag["signum"] = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _non_finite(net: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``net`` that hold a NaN or an infinity."""
+    tensors = list(net.named_parameters()) + list(net.named_buffers())
+    return [name for name, value in tensors if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: str | os.PathLike | None = None,
@@ -87,6 +113,10 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     ``max_steps`` stops early after that many total steps, leaving a resumable checkpoint (used by tests to
     simulate an interruption). When the run completes, the EMA weights and a manifest are written to
     ``out_dir`` (default: the run directory) as ``<name>.pt`` / ``<name>.json``.
+
+    Every step checks the loss and the gradient norm: a NaN or infinity raises :class:`TrainingDiverged` before
+    the optimiser applies it, and nothing is saved from then on, so the last checkpoint stays the last good one.
+    SIGINT and SIGTERM save the state of the last finished step and raise :class:`Interrupted`.
     """
     device = device or pick_device()
     directory = run_dir(config)
@@ -118,7 +148,20 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         # Identical starting RNG whatever happened before this call.
         torch.manual_seed(config.seed + 1)
 
+    def diverged(what: str, value: float | None = None) -> TrainingDiverged:
+        last = (f"the last good checkpoint is {state_path} (step {torch.load(state_path, map_location='cpu', weights_only=False)['step']})"
+                if state_path.exists() else "no checkpoint was written yet")
+        shown = "" if value is None else f" ({value})"
+        return TrainingDiverged(
+            f"{config.name}: {what} is not finite{shown} at step {step + 1}; stopped without saving anything "
+            f"from this step on, and {last}. The same config diverges again at the same step: lower `lr` or raise "
+            "`warmup_steps`, or check the training data for NaN/inf, then run again (a changed config starts a "
+            "new run).")
+
     def save_state() -> None:
+        broken = _non_finite(net) + [f"ema.{name}" for name in _non_finite(ema)]
+        if broken:
+            raise diverged(f"the weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
         atomic_torch_save({
             "config": config.to_dict(), "step": step, "wall_time": wall_time, "losses": losses,
             "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
@@ -143,23 +186,30 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                         group["lr"] = _lr_at(config, step)
                     with autocast(device, amp_dtype):
                         loss = OBJECTIVES[config.objective](net, x0, schedule, generator, y)
+                    loss_value = loss.item()
+                    if not torch.isfinite(loss.detach()):
+                        raise diverged("the loss", loss_value)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    if config.grad_clip:
-                        nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+                    # With grad_clip = 0 an infinite max_norm measures the norm without clipping.
+                    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
+                    if not torch.isfinite(grad_norm):
+                        raise diverged("the gradient norm", grad_norm.item())
                     optimizer.step()
                     _update_ema(ema, net, min(config.ema_decay, (1 + step) / (10 + step)))
                     step += 1
-                    losses.append(loss.item())
+                    losses.append(loss_value)
                     wall_time += time.perf_counter() - started
                     bar.update(1)
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-                    if step % config.checkpoint_every == 0 or step == stop_at or interrupted["set"]:
+                    signum = interrupted["signum"]
+                    if step % config.checkpoint_every == 0 or step == stop_at or signum is not None:
                         save_state()
-                    if interrupted["set"]:
-                        print(f"\ninterrupted at step {step}; state saved to {state_path}. "
-                              "Run the same command again to resume.", file=sys.stderr)
-                        raise KeyboardInterrupt
+                    if signum is not None:
+                        message = (f"{signal.Signals(signum).name}: stopped at step {step}; state saved to "
+                                   f"{state_path}. Run the same command again to resume.")
+                        print("\n" + message, file=sys.stderr)
+                        raise Interrupted(signum, message)
             finally:
                 bar.close()
 
@@ -192,8 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         config = config.replace(steps=args.steps)
     command = "python -m diffbook.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = train(config, device=pick_device(args.device), out_dir=args.out, command=command)
-    print(json.dumps(result.manifest, indent=2))
+    try:
+        result = train(config, device=pick_device(args.device), out_dir=args.out, command=command)
+    except Interrupted as stop:  # the message is printed already; exit like the signal, without a traceback
+        sys.exit(128 + stop.signum)
+    except TrainingDiverged as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps(result.manifest, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":
