@@ -15,7 +15,23 @@ def pick_device(prefer: str | None = None) -> torch.device:
     """CUDA if present, else Apple MPS, else CPU. ``$DIFFBOOK_DEVICE`` or ``prefer`` override the choice."""
     choice = prefer or os.environ.get("DIFFBOOK_DEVICE")
     if choice:
-        return torch.device(choice)
+        source = "the requested device" if prefer else "DIFFBOOK_DEVICE"
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise ValueError(f"{source} is {choice!r}: expected cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{source} is {choice!r} but this torch ({torch.__version__}) sees no CUDA GPU: "
+                               "install a CUDA build of torch on a machine with a GPU, or use cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{source} is {choice!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise RuntimeError(f"{source} is {choice!r} but Apple MPS is not available here (it needs macOS on "
+                               "Apple silicon and an MPS build of torch): use cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"{source} is {choice!r}: the book runs on cpu, cuda or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

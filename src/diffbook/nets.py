@@ -24,6 +24,45 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def checked_inputs(net: nn.Module, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None,
+                   num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a network's ``(x, t, y)`` with errors that say what to fix; returns ``t`` as a ``(batch,)`` tensor.
+
+    ``t`` may be a number or a 0-d tensor (the same time for the whole batch). ``y`` must be integer class labels in
+    ``0..num_classes`` (``num_classes`` itself means "no class") and is refused by an unconditional network.
+    """
+    name = type(net).__name__
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}; images from "
+                        "diffbook.data are scaled to [-1, 1] floats by ImageDataset.tensor()")
+    weight_dtype = next(net.parameters()).dtype
+    if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: x is {x.dtype} but the weights are {weight_dtype}: pass x.to({weight_dtype}) "
+                        f"or convert the network with .to({x.dtype})")
+    if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (int, float)):
+            raise TypeError(f"{name}: t must be a number or a tensor of shape (batch,), got {type(t).__name__}")
+        t = torch.tensor(float(t), device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: t must be a number or have shape ({x.shape[0]},) like the batch of x, "
+                         f"got shape {tuple(t.shape)}")
+    if y is not None:
+        if num_classes is None:
+            raise ValueError(f"{name} is unconditional (num_classes=None) but got class labels y; drop y, or "
+                             "train a class-conditional network (UNetConfig(num_classes=...))")
+        if y.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool) or y.ndim != 1 \
+                or y.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: y must be integer labels of shape ({x.shape[0]},), got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
+            raise ValueError(f"{name}: labels must lie in 0..{num_classes - 1} ({num_classes} means 'no class'), "
+                             f"got {int(y.min())}..{int(y.max())}")
+    return t, y
+
+
 def _groups(channels: int) -> int:
     return math.gcd(8, channels)
 
@@ -147,7 +186,7 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"expected x of shape (batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
                              f"got {tuple(x.shape)}")
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        t, y = checked_inputs(self, x, t, y, cfg.num_classes)
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels))
         if self.class_emb is not None:
             if y is None:
@@ -224,7 +263,7 @@ class TimeMLP(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.config.dim:
             raise ValueError(f"expected x of shape (batch, {self.config.dim}), got {tuple(x.shape)}")
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        t, _ = checked_inputs(self, x, t, y, None)
         return self.net(torch.cat([x, timestep_embedding(t, self.config.time_dim)], dim=1))
 
 
