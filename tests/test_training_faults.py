@@ -134,3 +134,41 @@ def test_parts_of_killed_writes_are_removed_and_live_ones_kept(tmp_path):
     assert not stale.exists() and not old_unnamed.exists()
     assert live.exists() and other_file.exists()
     assert remove_stale_parts(target) == []
+
+
+def test_a_truncated_state_names_the_file_and_how_to_start_over(isolated_cache):
+    train(RING, device=CPU, progress=False, max_steps=2)
+    state = run_dir(RING) / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=r"cannot read the resumable state .*state.pt.*mv '.*state.pt' '.*broken'"):
+        train(RING, device=CPU, progress=False)
+
+
+def test_broken_or_missing_manifests_are_explained(isolated_cache, capsys):
+    from diffbook.checkpoints import find_checkpoint, load_checkpoint
+    from diffbook.train import load_or_train
+    out = isolated_cache / "checkpoints"  # the isolated DIFFBOOK_CHECKPOINTS: where shipped checkpoints live
+    train(RING, device=CPU, progress=False, out_dir=out)
+    pt, manifest = _released(out)
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"ring_tiny.json is not valid JSON .*truncated.*python -m diffbook.train"):
+        load_checkpoint(pt)
+    capsys.readouterr()
+    assert find_checkpoint(RING) is None
+    assert "not using" in capsys.readouterr().err
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "sha256"}))
+    with pytest.raises(ValueError, match="lacks sha256"):
+        load_checkpoint(pt)
+    manifest.unlink()
+    with pytest.raises(FileNotFoundError, match="no manifest .* cannot be verified"):
+        load_checkpoint(pt)
+    capsys.readouterr()
+    assert find_checkpoint(RING) is None
+    assert f"not using {pt}: no manifest" in capsys.readouterr().err
+    manifest.write_text(text)
+    capsys.readouterr()
+    assert find_checkpoint(RING.replace(lr=1e-3)) is None
+    assert "another config (differs in lr)" in capsys.readouterr().err
+    assert torch.equal(next(iter(load_or_train(RING, device=CPU).net.state_dict().values())),
+                       next(iter(load_checkpoint(pt).net.state_dict().values())))

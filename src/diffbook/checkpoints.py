@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,17 +94,37 @@ def release(ema: nn.Module, config: TrainConfig, manifest: dict[str, Any], losse
     return manifest
 
 
+REQUIRED_MANIFEST_KEYS = ("name", "config", "sha256")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a checkpoint manifest; errors name the file and say how to repair it."""
+    path = Path(path)
+    weights = path.with_suffix(".pt")
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest {path} beside {weights}: without it the weights cannot be verified. "
+                                f"Restore it from git, or retrain with `python -m diffbook.train {path.stem}`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"manifest {path} is not valid JSON ({error}); it was probably truncated. Restore it from "
+                         f"git, or retrain with `python -m diffbook.train {path.stem}`.") from None
+    missing = [key for key in REQUIRED_MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise ValueError(f"manifest {path} lacks {', '.join(missing)}: it was not written by diffbook.train. "
+                         f"Restore it from git, or retrain with `python -m diffbook.train {path.stem}`.")
+    return manifest
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | None = None) -> TrainedModel:
     """Load a released checkpoint, verifying its sha256 against the manifest beside it."""
     path = Path(path)
-    manifest_path = path.with_suffix(".json")
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"no manifest {manifest_path} beside {path}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(path.with_suffix(".json"))
     digest = sha256_file(path)
     if digest != manifest["sha256"]:
         raise RuntimeError(f"{path} is corrupt or was replaced: sha256 {digest} != manifest {manifest['sha256']}. "
-                           f"Retrain with `{manifest['command']}` or restore the file from git.")
+                           f"Retrain with `{manifest.get('command', 'python -m diffbook.train ' + path.stem)}` or "
+                           "restore the file from git.")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(payload["config"])
     net = config.build_net()
@@ -113,11 +134,22 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | None = None)
 
 
 def find_checkpoint(config: TrainConfig) -> Path | None:
-    """A released checkpoint whose manifest records exactly ``config``: shipped first, then the run cache."""
+    """A released checkpoint whose manifest records exactly ``config``: shipped first, then the run cache.
+
+    Says on stderr why a ``<name>.pt`` that exists is not used (no manifest, a broken one, or
+    another config), so that nobody retrains for half an hour without knowing why.
+    """
     for path in (checkpoints_dir() / f"{config.name}.pt", run_dir(config) / f"{config.name}.pt"):
-        manifest_path = path.with_suffix(".json")
-        if path.exists() and manifest_path.exists():
-            recorded = TrainConfig.from_dict(json.loads(manifest_path.read_text())["config"])
-            if recorded.identity() == config.identity():
-                return path
+        if not path.exists():
+            continue
+        try:
+            recorded = TrainConfig.from_dict(read_manifest(path.with_suffix(".json"))["config"])
+        except (OSError, ValueError, TypeError) as error:
+            print(f"not using {path}: {error}", file=sys.stderr)
+            continue
+        if recorded.identity() == config.identity():
+            return path
+        changed = sorted(k for k, v in config.to_dict().items() if recorded.to_dict().get(k) != v)
+        print(f"not using {path}: it was trained with another config (differs in {', '.join(changed)})",
+              file=sys.stderr)
     return None

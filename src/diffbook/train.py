@@ -106,6 +106,22 @@ def _non_finite(net: nn.Module) -> list[str]:
     return [name for name, value in tensors if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
+def read_state(state_path: Path, device: torch.device) -> dict:
+    """Load a run's resumable state; an unreadable file gets an error that names it and how to start over."""
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        missing = [k for k in ("config", "step", "net", "ema", "optimizer", "generator") if k not in state]
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise RuntimeError(
+            f"cannot read the resumable state {state_path} ({type(error).__name__}: {error}); it was probably cut "
+            f"short by a crash or a full disk. Move it aside to start this run over: mv '{state_path}' "
+            f"'{state_path}.broken'") from None
+    if missing:
+        raise RuntimeError(f"{state_path} lacks {', '.join(missing)}: it is not a diffbook training state. Move it "
+                           f"aside to start over: mv '{state_path}' '{state_path}.broken'")
+    return state
+
+
 def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: str | os.PathLike | None = None,
           max_steps: int | None = None, progress: bool = True, command: str | None = None) -> TrainedModel:
     """Train ``config`` (resuming from its run directory if a checkpoint is there) and return the EMA model.
@@ -132,7 +148,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     step, wall_time, losses = 0, 0.0, []
 
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = read_state(state_path, device)
         if state["config"] != config.to_dict():
             raise RuntimeError(f"{state_path} belongs to another config; delete it to start over")
         net.load_state_dict(state["net"])
@@ -149,7 +165,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         torch.manual_seed(config.seed + 1)
 
     def diverged(what: str, value: float | None = None) -> TrainingDiverged:
-        last = (f"the last good checkpoint is {state_path} (step {torch.load(state_path, map_location='cpu', weights_only=False)['step']})"
+        last = (f"the last good checkpoint is {state_path} (step {read_state(state_path, torch.device('cpu'))['step']})"
                 if state_path.exists() else "no checkpoint was written yet")
         shown = "" if value is None else f" ({value})"
         return TrainingDiverged(
