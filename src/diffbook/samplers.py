@@ -235,7 +235,9 @@ def sample_heun(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, gener
     - ``scaled=True``: in :math:`(\rho, y)`, :math:`dy/d\rho = \hat\varepsilon` (Karras et al. 2022, Algorithm 1), where the
       correction is skipped on a step to :math:`\rho = 0` (so n steps ending at clean data cost 2n − 1).
 
-    In the path's time the grid may also increase (data towards noise: the ODE is invertible)."""
+    In the path's time the grid may also increase (data towards noise: the ODE is invertible). A step to a time where
+    the path's velocity is singular (:math:`\sigma'` infinite, as for VP paths at :math:`t = 0`, where
+    :math:`\sigma \propto \sqrt t`) is an Euler step: the slope there does not exist."""
     grid = _check_times(times, either_way=not scaled)
     for i in _steps(grid, "heun", progress):
         t, s = grid[i], grid[i + 1]
@@ -245,7 +247,9 @@ def sample_heun(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, gener
             if callback is not None:
                 callback(Step(i, t, s, x, _x0_from(model, x, t, slope, "velocity")))
             guess = x + h * slope
-            x = x + 0.5 * h * (slope + model(guess, s, "velocity"))
+            end = torch.as_tensor(s, dtype=torch.float64)
+            singular = not (torch.isfinite(model.path.d_sigma(end)).all() and torch.isfinite(model.path.d_alpha(end)).all())
+            x = guess if singular else x + 0.5 * h * (slope + model(guess, s, "velocity"))
             continue
         (alpha_t, sigma_t), (alpha_s, sigma_s) = _coefficients(model.path, t), _coefficients(model.path, s)
         y, h = x / alpha_t, sigma_s / alpha_s - sigma_t / alpha_t

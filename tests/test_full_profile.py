@@ -1,0 +1,57 @@
+"""The ``full`` profile, proven to run without its GPU: every ``*_full`` config builds, trains two steps and samples.
+
+Readers who run ``full`` on a rented GPU have the most to lose from a shape, dtype or config error that only the
+big networks hit; these tests find such errors on a CPU, at batch size 2. The GPU-only code paths (autocast choice,
+MPS's missing float64) are checked as far as a CPU can check them.
+"""
+import pytest
+import torch
+
+import diffbook.train as train_module
+from diffbook.configs import CONFIGS
+from diffbook.device import autocast_dtype
+from diffbook.predictors import predictor_from_trained
+from diffbook.samplers import sample_ancestral, sample_heun, time_grid
+
+FULL = sorted(name for name in CONFIGS if name.endswith("_full"))
+CPU = torch.device("cpu")
+
+
+def _two_steps(config):
+    return config.replace(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, precision="fp32",
+                          train_subset=min(config.train_subset or 64, 64))
+
+
+def test_every_network_has_a_full_config():
+    bases = {name for name in CONFIGS if not name.endswith(("_full", "_smoke"))}
+    # The classifier is a metric's feature network, not a generative model: it has no paper-scale variant.
+    assert {name.removesuffix("_full") for name in FULL} == bases - {"mnist_classifier"}
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_config_trains_two_steps_and_samples_on_cpu(name, isolated_cache, tiny_images, monkeypatch):
+    # A reflow config trains on its parent's ODE couplings: stand in a two-step parent, not 40,000 steps.
+    monkeypatch.setattr(train_module, "load_or_train",
+                        lambda config, **kw: train_module.train(_two_steps(config), device=CPU, progress=False))
+    config = _two_steps(CONFIGS[name])
+    model = train_module.train(config, device=CPU, progress=False)
+    assert model.manifest["steps"] == 2 and (train_module.run_dir(config) / f"{config.name}.pt").exists()
+    shape = (2, 2) if config.net == "mlp" else (2, 1, 28, 28)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    predictor = predictor_from_trained(model)
+    with torch.no_grad():
+        ode = sample_heun(predictor, noise, time_grid(2))
+        sde = sample_ancestral(predictor, noise, time_grid(2), generator=torch.Generator().manual_seed(1))
+    assert ode.shape == sde.shape == noise.shape and torch.isfinite(ode).all() and torch.isfinite(sde).all()
+
+
+def test_autocast_choices_for_each_device(monkeypatch):
+    assert autocast_dtype(torch.device("mps"), "auto") is None  # MPS: float32 always (no bf16 autocast there)
+    assert autocast_dtype(torch.device("mps"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype(torch.device("cuda"), "auto") is None  # e.g. a V100: fp32 rather than emulated bf16
+    assert autocast_dtype(torch.device("cuda"), "fp32") is None
+    with pytest.raises(ValueError, match="precision must be"):
+        autocast_dtype(CPU, "fp16")
