@@ -84,3 +84,20 @@ def test_unavailable_devices_are_refused_with_what_to_do(monkeypatch):
         pick_device()
     monkeypatch.setenv("DIFFBOOK_DEVICE", "cpu")
     assert pick_device() == torch.device("cpu")
+
+
+def test_sampler_grids_outside_the_path_are_refused_and_lists_accepted():
+    from diffbook.paths import LinearPath
+    from diffbook.predictors import Predictor
+    from diffbook.samplers import sample_ddim, sample_euler
+
+    model = Predictor(lambda x, t: -x, "eps", LinearPath())
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    grid = [0.9, 0.5, 0.0]
+    assert torch.equal(sample_euler(model, x, grid), sample_euler(model, x, torch.tensor(grid, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"times must lie in \[0, 1\].*got 0..1000.*step_times"):
+        sample_euler(model, x, torch.tensor([1000.0, 500.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"got -0.5..0.9"):
+        sample_euler(model, x, [0.9, -0.5])
+    with pytest.raises(ValueError, match="eta must lie in"):
+        sample_ddim(model, x, grid, eta=-0.1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -115,13 +116,20 @@ def karras_times(path: NoisePath, n_steps: int, t_start: float = 1.0, t_end: flo
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)]) if to_zero else times
 
 
-def _check_times(times: torch.Tensor, either_way: bool = False) -> list[float]:
-    """The grid as floats; it must decrease (or, for the ODE integrators, ``either_way``, be monotone)."""
+def _check_times(times: torch.Tensor | Sequence[float], either_way: bool = False) -> list[float]:
+    """The grid as floats; it must lie in the paths' time interval [0, 1] and decrease (or, for the ODE integrators,
+    ``either_way``, be monotone). A list or tuple of numbers is accepted as well as a tensor."""
+    if isinstance(times, (list, tuple)):
+        times = torch.tensor(times, dtype=torch.float64)
     ok = torch.is_tensor(times) and times.ndim == 1 and len(times) >= 2
     ok = ok and (bool((times[1:] < times[:-1]).all()) or (either_way and bool((times[1:] > times[:-1]).all())))
     if not ok:
         raise ValueError(f"times must be a {'monotone' if either_way else 'decreasing'} 1-D tensor of at least 2 "
                          "points (time_grid, karras_times, step_times)")
+    if not torch.isfinite(times).all() or float(times.min()) < 0 or float(times.max()) > 1:
+        raise ValueError(f"times must lie in [0, 1] (a path's time: 1 is noise, 0 is data), got "
+                         f"{float(times.min()):g}..{float(times.max()):g}; for DDPM step indices k use "
+                         "step_times(T, steps), which gives k/T")
     return times.tolist()
 
 
@@ -191,6 +199,8 @@ def sample_ddim(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, gener
     :math:`\sigma_\eta^2 = \eta^2\sigma_s^2\big(1 - \tfrac{\alpha_t^2\sigma_s^2}{\alpha_s^2\sigma_t^2}\big)`; ``eta = 1`` is the DDPM
     posterior. With ``clip_x0`` :math:`\hat x_0` is clamped to [-1, 1] and :math:`\hat\varepsilon` recomputed from it
     (the locality chapter's protocol, Lukoianov et al. 2025)."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior's noise), got {eta}")
     grid = _check_times(times)
     for i in _steps(grid, "ddim", progress):
         t, s = grid[i], grid[i + 1]
