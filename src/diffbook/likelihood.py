@@ -44,7 +44,7 @@ def divergence_hutchinson(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, 
 
 
 def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(1).double()
+    flat = x.flatten(1).cpu().double()  # float64 on the CPU: MPS has none
     return -0.5 * flat.pow(2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
 
 
@@ -76,7 +76,7 @@ def ode_log_likelihood(model: Predictor, x0: torch.Tensor, *, n_steps: int = 100
     start = torch.cat([x0.flatten(1), torch.zeros(shape[0], 1, dtype=x0.dtype, device=x0.device)], dim=1)
     grid = time_grid(n_steps, t_start, t_end) if times is None else times
     end = sample_heun(Predictor(augmented, "velocity", model.path), start, grid, progress=progress)
-    x1, integral = end[:, :dims].reshape(shape), end[:, dims].double()
+    x1, integral = end[:, :dims].reshape(shape), end[:, dims].cpu().double()
     return prior_log_prob(x1).cpu() + integral.cpu()
 
 

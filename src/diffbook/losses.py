@@ -48,10 +48,10 @@ def flow_matching_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule
     t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator)
-    noise, t = noise.to(x0.device), t.to(x0.device)
+    noise = noise.to(x0.device)  # t stays a float64 CPU tensor: MPS has no float64; the path casts before moving
     x_t = path.sample(x0, noise, t)
     target = path.conditional_velocity(x0, noise, t)
-    return (net(x_t, (schedule.T * t).float(), y).float() - target).pow(2).mean()
+    return (net(x_t, (schedule.T * t).float().to(x0.device), y).float() - target).pow(2).mean()
 
 
 def reflow_loss(net: nn.Module, pairs: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,

@@ -54,7 +54,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
 def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Penultimate-layer features (float64, CPU) of images in [-1, 1]; out-of-range pixels are clipped."""
     device = next(classifier.parameters()).device
-    chunks = [classifier.features(images[i:i + batch_size].clamp(-1, 1).float().to(device)).double().cpu()
+    chunks = [classifier.features(images[i:i + batch_size].clamp(-1, 1).float().to(device)).cpu().double()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
@@ -167,6 +167,6 @@ def straightness(trajectory: list[torch.Tensor], times: torch.Tensor) -> torch.T
     for i in range(len(times) - 1):
         h = (times[i + 1] - times[i]).item()
         speed = (trajectory[i + 1] - trajectory[i]) / h
-        total += abs(h) * (speed - chord).flatten(1).pow(2).sum(1).double().cpu()
+        total += abs(h) * (speed - chord).flatten(1).pow(2).sum(1).cpu().double()
     return total
 

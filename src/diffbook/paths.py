@@ -37,7 +37,7 @@ def as_time(t: torch.Tensor | float) -> torch.Tensor:
 
 def broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample ``values`` of shape (batch,) or () to broadcast against ``like`` (batch, ...), in its dtype."""
-    values = values.to(device=like.device, dtype=like.dtype)
+    values = values.to(dtype=like.dtype).to(device=like.device)  # cast first: float64 never reaches MPS
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
