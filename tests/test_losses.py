@@ -28,7 +28,7 @@ def test_flow_matching_loss_prefers_the_exact_velocity():
     # E|u + c - target|^2 = E|u - target|^2 + c^2 because E[target | x_t] = u: the gap is 0.1^2 (Monte Carlo se ~7e-4)
     assert loss(shifted) - loss(net) == pytest.approx(0.01, abs=2.5e-3)
     with pytest.raises(ValueError, match="pairs of shape"):
-        reflow_loss(net, x0, schedule, torch.Generator())
+        reflow_loss(net, x0, schedule, torch.Generator().manual_seed(10))
 
 
 def test_dsm_loss_is_minimised_by_the_score_of_the_noised_data():

@@ -65,14 +65,20 @@ def test_floor_uses_disjoint_draws_and_reports_spread():
 
 
 def test_classifier_shapes_and_features():
+    torch.manual_seed(0)
     net = Classifier(ClassifierConfig(channels=(8, 16), features=32)).eval()
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     assert net(x).shape == (5, 10) and net.features(x).shape == (5, 32)
-    assert classifier_features(net, x, batch_size=2).shape == (5, 32)
+    # batches of 2 (the last one short) give the features of the whole batch, of the images clipped to [-1, 1]
+    assert x.abs().max() > 1
+    features = classifier_features(net, x, batch_size=2)
+    assert features.dtype == torch.float64  # computed in float32: compared at float32's tolerances
+    torch.testing.assert_close(features.float(), net.features(x.clamp(-1, 1)))
+    assert (features.float() - net.features(x)).abs().max() > 1e-3  # unclipped images give other features
     with pytest.raises(ValueError, match="expected images"):
-        net.features(torch.randn(5, 1, 32, 32))
+        net.features(torch.zeros(5, 1, 32, 32))
     with pytest.raises(ValueError, match="needs labels"):
-        classification_loss(net, x, NoiseSchedule.linear(10), torch.Generator())
+        classification_loss(net, x, NoiseSchedule.linear(10), torch.Generator().manual_seed(6))
 
 
 def test_classifier_trains_through_the_common_loop(isolated_cache, tiny_images):

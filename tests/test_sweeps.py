@@ -8,7 +8,7 @@ from torch import nn
 
 from diffbook.paths import VPPath
 from diffbook.predictors import Predictor, predictor_from_trained
-from diffbook.samplers import FAST_SAMPLERS, sample_ancestral, step_times
+from diffbook.samplers import FAST_SAMPLERS, karras_times, sample_ancestral, sample_ddim, step_times
 from diffbook.schedules import NoiseSchedule
 from diffbook.sweeps import ancestral_reference, nfe_spent, nfe_sweep, steps_for_nfe
 from diffbook.toy import GaussianMixture, exact_predictor
@@ -45,9 +45,15 @@ def test_nfe_sweep_spends_exactly_the_requested_evaluations():
 def test_stochastic_ddim_in_the_sweep_is_reproducible():
     predictor = exact_eps(GAUSSIAN, VPPath())
     noise = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    run = lambda: nfe_sweep(predictor, noise, (3,), lambda x: float(x.sum()), samplers={"eta": FAST_SAMPLERS["ddim, eta=1"]},
-                            progress=False)[0][0]["score"]
-    assert run() == run()
+    run = lambda seed: nfe_sweep(predictor, noise, (3,), lambda x: float(x.sum()), progress=False, seed=seed,
+                                 samplers={"eta": FAST_SAMPLERS["ddim, eta=1"]}, keep=lambda name, nfe: True)
+    (row,), kept = run(0)
+    # the sampler run by hand: DDIM with eta = 1 on 3 Karras steps, noise from a generator seeded with the sweep's seed
+    expected = sample_ddim(predictor, noise, karras_times(VPPath(), 3), eta=1.0,
+                           generator=torch.Generator().manual_seed(0)).float().clamp(-1, 1)
+    assert torch.equal(kept[("eta", 3)], expected) and row["score"] == float(expected.sum())
+    assert run(0)[0][0]["score"] == row["score"]  # reproducible ...
+    assert not torch.equal(run(1)[1][("eta", 3)], expected)  # ... and the seed is what it depends on
 
 
 class Shrink(nn.Module):
@@ -67,4 +73,4 @@ def test_ancestral_reference_runs_ddpms_clipped_chain_on_its_own_steps():
     assert row["sampler"] == "ancestral" and row["nfe"] == row["steps"] == 10
     assert row["score"] == float(expected.abs().mean()) and row["seconds_per_sample"] > 0
     with pytest.raises(ValueError, match="DiscretePath"):
-        ancestral_reference(exact_eps(GAUSSIAN, VPPath()), torch.zeros(2, 2), 10, float, torch.Generator())
+        ancestral_reference(exact_eps(GAUSSIAN, VPPath()), torch.zeros(2, 2), 10, float, torch.Generator().manual_seed(8))

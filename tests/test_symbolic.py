@@ -1,6 +1,7 @@
+import pytest
 import sympy as sp
 
-from diffbook.symbolic import fokker_planck_residual, gaussian_log_density
+from diffbook.symbolic import fokker_planck_residual, gaussian_log_density, one_integral
 
 x, t = sp.symbols("x t", real=True)
 
@@ -21,3 +22,17 @@ def test_langevin_leaves_any_density_stationary():
 def test_zero_diffusion_is_the_continuity_equation_of_a_translation():
     c = sp.Symbol("c", real=True)
     assert fokker_planck_residual(gaussian_log_density(x, c * t, 1), c, 0, x, t) == 0
+
+
+def test_one_integral_merges_by_linearity_and_rejects_what_is_not_linear():
+    y = sp.Symbol("y", real=True)
+    f = sp.Function("f")
+    over_x = (x, -sp.oo, sp.oo)
+    merged = one_integral(y * sp.Integral(f(x), over_x) - sp.Integral(x * f(x), over_x), over_x)
+    assert sp.simplify(merged.function - (y - x) * f(x)) == 0 and merged.limits == (over_x,)
+    with pytest.raises(ValueError, match="one integral"):
+        one_integral(sp.Integral(f(x), over_x) + 2, over_x)  # a term without an integral
+    with pytest.raises(ValueError, match="depends on the integration variable"):
+        one_integral(x * sp.Integral(f(x), over_x), over_x)
+    with pytest.raises(ValueError, match="one integral"):
+        one_integral(sp.Integral(f(x), (x, 0, 1)), over_x)  # another range

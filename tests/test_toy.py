@@ -65,3 +65,16 @@ def test_exact_predictor_is_the_score_of_the_noised_mixture_at_each_samples_time
         expected[rows] = mixture.noised(alpha, sigma).score(x[rows])
     for kind in ("score", "eps", "x0", "v", "velocity"):  # made in any kind, read as a score
         torch.testing.assert_close(exact_predictor(mixture, path, kind)(x, t, "score"), expected)
+
+
+def test_mode_weight_tv_null_matches_direct_sampling():
+    mixture, g = ring_mixture(), torch.Generator().manual_seed(4)
+    null = mixture.mode_weight_tv_null(500, draws=2000, generator=g)
+    direct = torch.tensor([mixture.mode_weight_tv(mixture.sample(500, g)) for _ in range(300)], dtype=torch.float64)
+    assert null.shape == (2000,) and (null >= 0).all()
+    # means agree within 4 standard errors of their difference (300 and 2000 draws)
+    se = (direct.var() / 300 + null.var() / 2000).sqrt()
+    assert abs(direct.mean() - null.mean()) < 4 * se
+    # and the mean is about the normal approximation 1/2 sum_k sqrt(2 w_k (1 - w_k) / (pi n))
+    w = mixture.weights
+    assert null.mean().item() == pytest.approx(0.5 * (2 * w * (1 - w) / (math.pi * 500)).sqrt().sum().item(), rel=0.1)

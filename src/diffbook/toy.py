@@ -100,6 +100,21 @@ class GaussianMixture:
         r"""Total variation :math:`\tfrac12\sum_k |\hat w_k - w_k|` between the samples' mode weights and the true ones."""
         return 0.5 * (self.mode_weights(samples) - self.weights).abs().sum().item()
 
+    def mode_weight_tv_null(self, n: int, draws: int = 4000, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""The sampling noise of :meth:`mode_weight_tv` at sample size ``n``: its value for ``draws`` exact samples
+        of ``n`` points each, drawn as multinomial counts (component by component, each count binomial given the
+        ones before). Assumes well-separated components, so that a sample's most responsible component is the one
+        that drew it. Shape (draws,), float64."""
+        if n < 1 or draws < 1:
+            raise ValueError(f"need n >= 1 and draws >= 1, got {n}, {draws}")
+        left = torch.full((draws,), float(n), dtype=torch.float64)
+        mass_left, counts = 1.0, []
+        for w in self.weights.tolist():
+            p = torch.full((draws,), min(1.0, w / mass_left) if mass_left > 0 else 0.0, dtype=torch.float64)
+            counts.append(torch.binomial(left, p, generator=generator))
+            left, mass_left = left - counts[-1], mass_left - w
+        return 0.5 * (torch.stack(counts, 1) / n - self.weights).abs().sum(1)
+
     def posterior_means(self, x: torch.Tensor, signal: float, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Exact :math:`(\mathbb{E}[x_0 \mid x], \mathbb{E}[\varepsilon \mid x])` for :math:`x = a x_0 + s\varepsilon`,
         ``a`` = ``signal``, ``s`` = ``noise``: per component, with :math:`C_k = a^2\Sigma_k + s^2 I`,
