@@ -104,10 +104,10 @@ def ddpm_bound_estimate(model: Predictor, schedule: NoiseSchedule, x0: torch.Ten
     dims = tuple(range(1, x0.ndim))
     abar, beta = schedule.alpha_bar, schedule.beta
     mean_T = abar[T].sqrt().item() * x0
-    prior = gaussian_kl(mean_T, 1 - abar[T].item(), torch.zeros_like(x0), 1.0).sum(dims).double().cpu()
+    prior = gaussian_kl(mean_T, 1 - abar[T].item(), torch.zeros_like(x0), 1.0).sum(dims).cpu().double()
     x_1 = schedule.q_sample(x0, torch.ones(batch, dtype=torch.long), torch.randn(x0.shape, generator=generator).to(x0.device))
     mean_1 = _reverse_mean(x_1, model(x_1, 1 / T, "eps").float(), beta[1].item(), abar[1].item())
-    decoder = -discretized_gaussian_log_likelihood(x0, mean_1, beta[1].sqrt().item()).sum(dims).double().cpu()
+    decoder = -discretized_gaussian_log_likelihood(x0, mean_1, beta[1].sqrt().item()).sum(dims).cpu().double()
     steps = torch.empty(batch, len(strata), dtype=torch.long)
     kl = torch.empty(batch, len(strata), dtype=torch.float64)
     c0, ct = schedule.posterior_mean_coefs
@@ -120,7 +120,7 @@ def ddpm_bound_estimate(model: Predictor, schedule: NoiseSchedule, x0: torch.Ten
         mean_q = expand(c0, t, x0) * x0 + expand(ct, t, x0) * x_t
         steps[:, k] = t
         kl[:, k] = gaussian_kl(mean_q, expand(schedule.posterior_variance, t, x0), mean_p,
-                               expand(beta, t, x0)).sum(dims).double().cpu()
+                               expand(beta, t, x0)).sum(dims).cpu().double()
     return BoundEstimate(decoder, prior, steps, kl, tuple(strata))
 
 
