@@ -95,7 +95,7 @@ def _reverse_mean(x_t: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | flo
 def ddpm_bound_estimate(model: Predictor, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
                         n_strata: int | None = None) -> BoundEstimate:
     r"""The DDPM bound of ``x0`` (Ho et al. 2020, eq. 5) with the sum over :math:`t` estimated by stratified sampling:
-    :math:`L_0` and :math:`L_T` exactly (one draw of :math:`x_1`), and in each stratum of :func:`geometric_strata`
+    :math:`L_T` exactly, :math:`L_0` from one draw of :math:`x_1`, and in each stratum of :func:`geometric_strata`
     one step :math:`t` per image, drawn uniformly, whose :math:`L_{t-1}` (one draw :math:`x_t\sim q(x_t|x_0)`) counts
     for the whole stratum. Unbiased for the bound; one network evaluation per stratum. ``n_strata=None`` evaluates
     every step (the strata are single steps), as :func:`ddpm_bound_terms` does."""
