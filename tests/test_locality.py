@@ -15,6 +15,33 @@ def brute_force_posterior_mean(x_t, alpha_bar, train):
     return torch.softmax(logits, dim=1) @ train
 
 
+def masked_posterior_mean(x_t, alpha_bar, train, inputs, m):
+    """The analytic denoiser (Lukoianov et al. 2025) for one output pixel m, by brute force: the softmax over training
+    images of the distance on the input pixels ``inputs`` (a boolean (d,) mask) alone, then the mean of the training
+    images' pixel m."""
+    distances = ((x_t[:, None, inputs] - math.sqrt(alpha_bar) * train[None, :, inputs]) ** 2).sum(-1)
+    return torch.softmax(-distances / (2 * (1 - alpha_bar)), dim=1) @ train[:, m]
+
+
+def wiener_matrix(train, alpha_bar):
+    """W_t = Sigma (Sigma + sigma_t^2 I)^-1 with the unbiased sample covariance, sigma_t^2 = (1 - alpha_bar) / alpha_bar."""
+    cov = torch.cov(train.T)
+    return cov @ torch.linalg.inv(cov + (1 - alpha_bar) / alpha_bar * torch.eye(len(cov), dtype=torch.float64))
+
+
+def brute_force_masks(W, theta):
+    """Entry (n, m) of W divided by the input pixel's W_nn (1 where W_nn < 1e-6), kept where it is at least theta times
+    the largest such ratio: one entry at a time."""
+    d = len(W)
+    normalised = torch.zeros(d, d, dtype=torch.float64)
+    for n in range(d):
+        for m in range(d):
+            normalised[n, m] = abs(W[n, m]) / (W[n, n] if abs(W[n, n]) >= 1e-6 else 1.0)
+    threshold = theta * normalised.max()
+    assert ((normalised - threshold).abs() > 1e-9).all()  # no entry on the edge: the comparison is robust to rounding
+    return normalised >= threshold
+
+
 def test_optimal_denoiser_is_the_exact_softmax_whatever_the_chunk():
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(300, 6, generator=gen, dtype=torch.float64) * 2 - 1
@@ -61,6 +88,28 @@ def test_sensitivity_field_of_the_wiener_filter_is_its_jacobian_row():
     assert field_agreement(field, 3 * field) == pytest.approx(1.0)
 
 
+def test_sensitivity_field_of_a_nonlinear_denoiser_is_its_mean_absolute_finite_difference_row():
+    """The analytic denoiser with an asymmetric mask: nonlinear, and its Jacobian is not symmetric, so the field (the
+    row of output pixel m over the inputs) differs from the column; central differences, per sample, then |.|, then
+    the batch mean."""
+    gen = torch.Generator().manual_seed(11)
+    d, pixel, alpha_bar = 9, 4, 0.3
+    train = torch.rand(60, d, generator=gen, dtype=torch.float64) * 2 - 1
+    masks = (torch.rand(d, d, generator=gen) < 0.4) | torch.eye(d, dtype=torch.bool)
+    x_t = torch.randn(8, d, generator=gen, dtype=torch.float64)
+    denoiser = lambda x, a: analytic_denoiser(x, a, train, masks)
+    field = sensitivity_field(denoiser, x_t, alpha_bar, pixel)
+    h, rows = 1e-5, []
+    for n in range(d):
+        step = torch.zeros(d, dtype=torch.float64)
+        step[n] = h
+        rows.append((denoiser(x_t + step, alpha_bar) - denoiser(x_t - step, alpha_bar))[:, pixel] / (2 * h))
+    jacobian_row = torch.stack(rows, 1)  # (batch, d): d x0_hat[pixel] / d x_t[n] for each sample
+    torch.testing.assert_close(field, jacobian_row.abs().mean(0), rtol=1e-6, atol=1e-9)
+    assert torch.equal(field > 0, masks[:, pixel])  # output pixel m sees exactly the inputs of mask column m
+    assert (field - jacobian_row.mean(0).abs()).max() > 1e-3  # the mean of |.|, not |mean|: the signs differ per sample
+
+
 def test_analytic_denoiser_with_full_masks_is_the_optimal_denoiser():
     gen = torch.Generator().manual_seed(5)
     train = torch.rand(120, 8, generator=gen, dtype=torch.float64) * 2 - 1
@@ -71,6 +120,12 @@ def test_analytic_denoiser_with_full_masks_is_the_optimal_denoiser():
     eye = torch.eye(8, dtype=torch.bool)
     per_pixel = torch.stack([brute_force_posterior_mean(x_t[:, m:m + 1], 0.4, train[:, m:m + 1])[:, 0] for m in range(8)], 1)
     torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, eye), per_pixel)
+    # an asymmetric mask: output pixel m looks at the input pixels n of column m, M[n, m]
+    masks = (torch.rand(8, 8, generator=gen) < 0.4) | eye
+    assert not torch.equal(masks, masks.T)
+    per_column = torch.stack([masked_posterior_mean(x_t, 0.4, train, masks[:, m], m) for m in range(8)], 1)
+    torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, masks), per_column)
+    assert (analytic_denoiser(x_t, 0.4, train, masks.T) - per_column).abs().max() > 1e-3
     # the released code's batch-averaged variant: one batch = exact; several = an average of batch posteriors
     torch.testing.assert_close(analytic_denoiser(x_t, 0.4, train, eye, batch_size=1000), per_pixel)
     batched = analytic_denoiser(x_t, 0.4, train, eye, batch_size=60)
@@ -85,6 +140,27 @@ def test_analytic_masks_grow_with_noise():
     wiener = WienerFilter(torch.zeros(side * side, dtype=torch.float64), *torch.linalg.eigh(cov))
     sizes = [analytic_masks(wiener, alpha_bar, 0.05).sum(0).double().mean().item() for alpha_bar in (0.99, 0.5, 0.05)]
     assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_analytic_masks_are_the_row_normalised_wiener_matrix_by_brute_force():
+    """Pixels of unequal variance (and one constant pixel, as MNIST's borders): W_t's diagonal is not constant, so
+    dividing entry (n, m) by the input pixel's W_nn (the package's rule) and by the output pixel's W_mm give different
+    masks, and so does no normalisation."""
+    gen = torch.Generator().manual_seed(12)
+    d, alpha_bar, theta = 10, 0.5, 0.2
+    scales = torch.linspace(0.2, 2.0, d, dtype=torch.float64)
+    train = (torch.randn(300, d, generator=gen, dtype=torch.float64) @ torch.randn(d, d, generator=gen, dtype=torch.float64)
+             / 3) * scales
+    train[:, 7] = 0.4  # a constant pixel: zero variance, W_77 = 0, counted as 1
+    cov = torch.cov(train.T)
+    W = cov @ torch.linalg.inv(cov + (1 - alpha_bar) / alpha_bar * torch.eye(d, dtype=torch.float64))  # Sigma (Sigma + s^2 I)^-1
+    masks = analytic_masks(WienerFilter.fit(train), alpha_bar, theta)
+    assert torch.equal(masks, brute_force_masks(W, theta))
+    assert not masks[7].any() and not masks[:, 7].any()  # the constant pixel: no weight in or out
+    by_output = (W / W.diagonal().where(W.diagonal().abs() >= 1e-6, torch.ones(d, dtype=torch.float64))).abs()
+    assert not torch.equal(masks, by_output >= theta * by_output.max())
+    assert not torch.equal(masks, W.abs() >= theta * W.abs().max())
+    assert not torch.equal(masks, masks.T)
 
 
 def test_r_squared_is_one_for_identical_images_and_zero_for_the_mean():
@@ -110,7 +186,6 @@ def old_ddim_protocol(denoise, x_T, schedule, timesteps):
 
 
 def test_ddim_protocol_is_sample_ddim_with_clipping_and_replays_states():
-    from diffbook.locality import add_pattern, w_pattern
     from diffbook.locality_protocol import PAPER_TIMESTEPS, protocol_times, r2_experiment
     from diffbook.predictors import Predictor, predictor_from_denoiser
     from diffbook.samplers import Trajectory, sample_ddim
@@ -139,11 +214,42 @@ def test_ddim_protocol_is_sample_ddim_with_clipping_and_replays_states():
     assert all(torch.equal(a, step.x) for a, step in zip(replayed, result.trajectory.steps))
     assert torch.equal(own[0], x_T + 1) and not torch.equal(own[1], result.trajectory.steps[1].x)
     wiener = WienerFilter(torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64), torch.eye(16, dtype=torch.float64))
-    assert sample_ddim(predictor_from_denoiser(wiener, path), x_T, times, clip_x0=True).shape == x_T.shape
+    # a flat denoiser through predictor_from_denoiser: this Wiener filter (mean 0, covariance I) is
+    # x0_hat = x_t / sqrt(abar) / (1 + (1 - abar) / abar) = sqrt(abar) x_t at step k
+    expected = old_ddim_protocol(lambda x, k: schedule.signal[k].item() * x, x_T.double(), schedule, PAPER_TIMESTEPS)[0]
+    torch.testing.assert_close(sample_ddim(predictor_from_denoiser(wiener, path), x_T.double(), times, clip_x0=True),
+                               expected, rtol=0, atol=1e-12)
+
+
+def test_add_pattern_adds_one_amplitude_per_image_on_the_pattern_and_clamps_to_the_data_range():
+    from diffbook.locality import add_pattern, w_pattern
     pattern = w_pattern(28)
     assert pattern.sum() > 100 and pattern[:, :7].sum() > 0 and pattern[:, -7:].sum() > 0  # spans the image
-    planted = add_pattern(torch.zeros(100, 1, 28, 28), pattern, seed=0)
-    assert planted[:, 0, pattern.bool()].std(0).min() > 0.2 and planted[:, 0, ~pattern.bool()].abs().max() == 0
+    on = pattern.bool()
+    # MNIST-like images: background -1 with strokes; on the pattern, pixels at -1 (background), 0, 0.9 and 1 (ink)
+    n = 200
+    images = -torch.ones(n, 1, 28, 28)
+    images[:, 0, 10:18, :] = torch.rand(n, 8, 28, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    levels = torch.tensor([-1.0, 0.0, 0.9, 1.0])
+    cycle = levels.repeat(int(on.sum()) // 4 + 1)[: int(on.sum())]
+    images[:, 0, on] = cycle
+    planted = add_pattern(images, pattern, seed=3)
+    a = (torch.rand(n, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.5  # U(-0.5, 0.5), from the seed
+    assert torch.equal(planted[:, 0, ~on], images[:, 0, ~on])  # off the pattern nothing changes
+    shifted = planted[:, 0, on] - images[:, 0, on]
+    zero = cycle == 0.0
+    torch.testing.assert_close(shifted[:, zero], a[:, None].expand(n, int(zero.sum())))  # + a_i on every pattern pixel
+    # the clamp to [-1, 1] matters: it erases the pattern on the background when a_i < 0, and on the ink when a_i > 0
+    background, ink, bright = cycle == -1.0, cycle == 1.0, cycle == 0.9
+    negative = a < 0
+    assert 50 < int(negative.sum()) < 150
+    assert (planted[negative][:, 0, on][:, background] == -1).all() and (planted[~negative][:, 0, on][:, ink] == 1).all()
+    torch.testing.assert_close(planted[negative][:, 0, on][:, ink], (1 + a[negative])[:, None].expand(-1, int(ink.sum())))
+    torch.testing.assert_close(planted[~negative][:, 0, on][:, background],
+                               (a[~negative] - 1)[:, None].expand(-1, int(background.sum())))
+    torch.testing.assert_close(planted[:, 0, on][:, bright], (0.9 + a[:, None]).clamp(max=1).expand(-1, int(bright.sum())))
+    assert planted.min() == -1 and planted.max() == 1
+    assert not torch.equal(add_pattern(images, pattern, seed=4), planted)  # another seed, other amplitudes
 
 
 def test_sample_ddim_with_clipping_is_the_old_protocol_bit_for_bit():
@@ -178,6 +284,61 @@ def test_sample_ddim_with_clipping_is_the_old_protocol_bit_for_bit():
         expected = old_ddim_protocol(flat, x_T, schedule, PAPER_TIMESTEPS)[0]
         final = sample_ddim(predictor_from_denoiser(fn, path), x_T, times, clip_x0=True)
         torch.testing.assert_close(final, expected, atol=1e-12, rtol=0)
+
+
+def r_squared_by_hand(x, u):
+    """1 - sum_p (x_p - u_p)^2 / (d Var(u)), Var unbiased over the d pixels, image by image."""
+    out = []
+    for xi, ui in zip(x.flatten(1).tolist(), u.flatten(1).tolist()):
+        d, mean = len(ui), sum(ui) / len(ui)
+        variance = sum((v - mean) ** 2 for v in ui) / (d - 1)
+        out.append(1 - sum((a - b) ** 2 for a, b in zip(xi, ui)) / (d * variance))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_r2_experiment_values_are_the_protocol_run_by_hand():
+    """Every number of r2_experiment (final and per-step r² of every row of the paper's table) against the protocol
+    run here from the definitions: old_ddim_protocol, brute-force denoisers, r² image by image."""
+    from diffbook.locality_protocol import PAPER_TIMESTEPS, paper_denoisers, r2_experiment
+    from diffbook.predictors import Predictor
+    from diffbook.schedules import NoiseSchedule
+    schedule = NoiseSchedule.linear(1000)
+    gen = torch.Generator().manual_seed(14)
+    train = torch.rand(700, 16, generator=gen, dtype=torch.float64) * 2 - 1  # two batches of 512 (the released code's)
+    x_T = torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64)
+    weights = torch.randn(16, 16, generator=gen, dtype=torch.float64) / 4
+    eps_network = lambda x, k: torch.tanh((x.flatten(1) @ weights) * (1 + k / 500)).reshape(x.shape) * 1.5
+    unet = Predictor(lambda x, t: eps_network(x, round(t[0].item() * 1000)), "eps", schedule.path())
+    theta = 0.05
+    result = r2_experiment(unet, paper_denoisers(train, schedule.path(), theta, dtype=torch.float64), x_T, progress=False)
+
+    def analytic(x, a, batches):  # per output pixel, the masked posterior mean; averaged over the batches
+        masks = brute_force_masks(wiener_matrix(train, a), theta)
+        return torch.stack([torch.stack([masked_posterior_mean(x, a, part, masks[:, m], m) for m in range(16)], 1)
+                            for part in batches]).mean(0)
+
+    def nearest(x, a):
+        return train[torch.stack([((x_i / math.sqrt(a) - train) ** 2).sum(1).argmin() for x_i in x])]
+
+    by_hand = {"optimal": lambda x, a: brute_force_posterior_mean(x, a, train),
+               "wiener": lambda x, a: train.mean(0) + (x / math.sqrt(a) - train.mean(0)) @ wiener_matrix(train, a).T,
+               "analytic": lambda x, a: analytic(x, a, [train]),
+               "analytic_batch": lambda x, a: analytic(x, a, [train[:512], train[512:]]),
+               "nearest": nearest}
+    as_step = lambda fn: (lambda x, k: fn(x.flatten(1), schedule.alpha_bar[k].item()).reshape(x.shape))
+    unet_x0 = lambda x, k: (x - schedule.noise[k].item() * eps_network(x, k)) / schedule.signal[k].item()
+    reference, states, reference_x0 = old_ddim_protocol(unet_x0, x_T, schedule, PAPER_TIMESTEPS)
+    assert torch.equal(result.reference, reference)
+    assert list(result.final) == list(by_hand)
+    for name, fn in by_hand.items():
+        final = old_ddim_protocol(as_step(fn), x_T, schedule, PAPER_TIMESTEPS)[0]
+        torch.testing.assert_close(result.final[name], r_squared_by_hand(final, reference), rtol=0, atol=1e-9,
+                                   msg=name)
+        per_step = torch.stack([r_squared_by_hand(as_step(fn)(x, t + 1).clamp(-1, 1), x0)
+                                for x, x0, t in zip(states, reference_x0, PAPER_TIMESTEPS)])
+        torch.testing.assert_close(result.per_step[name], per_step, rtol=0, atol=1e-9, msg=name)
+    values = torch.stack([result.final[name] for name in by_hand])
+    assert values.std(0).min() > 0.01  # the rows differ, so a row swapped with another would be seen
 
 
 def test_analytic_pair_in_float32_matches_float64_and_never_underflows():

@@ -8,13 +8,16 @@ here maps ``(x_t (batch, d), alpha_bar_t)`` to :math:`\hat x_0` (batch, d).
 - :class:`WienerFilter`: the optimal linear denoiser, :math:`\mu + U\,\mathrm{diag}(\lambda/(\lambda+\sigma_t^2))U^\top(x_t/\sqrt{\bar\alpha_t} - \mu)`.
 - :func:`analytic_masks`, :func:`analytic_denoiser`: the paper's denoiser, a per-pixel posterior mean over
   the training set restricted to the pixels the Wiener filter's sensitivity field keeps.
-- :func:`sensitivity_field`: the averaged absolute Jacobian row of any denoiser, by autograd.
+- :func:`jacobian_rows`, :func:`sensitivity_field`: Jacobian rows of any denoiser by autograd, per input (signed) and
+  averaged in magnitude (the paper's field); :func:`half_mass_radius` measures a field's width and
+  :func:`mean_field_statistic` gives a statistic of the averaged field with its bootstrap standard error.
+- :func:`w_pattern`, :func:`pattern_amplitudes`, :func:`add_pattern`: the data of the manipulation experiment.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -74,7 +77,9 @@ def optimal_denoiser(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor, c
 
 
 def nearest_training_image(x_t: torch.Tensor, alpha_bar: float, train: torch.Tensor) -> torch.Tensor:
-    r"""The training image closest to :math:`x_t/\sqrt{\bar\alpha_t}`: the zero-temperature limit of :func:`optimal_denoiser`."""
+    r"""The training image closest to :math:`x_t/\sqrt{\bar\alpha_t}`: the zero-temperature limit of :func:`optimal_denoiser`
+    (its largest weight). The authors' released code compares :math:`x_t` itself, without the division, which is
+    another baseline at high noise."""
     _check_flat(x_t, train.shape[1])
     index = torch.cdist(x_t.double() / math.sqrt(alpha_bar), train.double()).argmin(1)
     return train[index].to(x_t.dtype)
@@ -179,20 +184,60 @@ def analytic_denoiser_pair(x_t: torch.Tensor, alpha_bar: float, train: torch.Ten
     return exact.to(x_t.dtype), torch.stack(block_means).mean(0).to(x_t.dtype)
 
 
-def sensitivity_field(denoiser: Denoiser, x_t: torch.Tensor, alpha_bar: float, pixel: int) -> torch.Tensor:
-    r""":math:`\mathbb E\,\lvert\partial\hat x_{0,\text{pixel}}/\partial x_t\rvert` over the batch ``x_t`` (d,): one
-    vector-Jacobian product per sample (autograd through ``denoiser``)."""
+def jacobian_rows(denoiser: Denoiser, x_t: torch.Tensor, alpha_bar: float, pixels: Sequence[int]) -> torch.Tensor:
+    r"""Signed Jacobian rows :math:`\partial\hat x_{0,m}/\partial x_t` of output pixels ``pixels`` at every input of
+    the batch ``x_t`` (batch, d), shape (len(pixels), batch, d): one forward pass and one vector-Jacobian product per
+    pixel (autograd through ``denoiser``). The samples of a batch must not interact (no batch statistics), as in the
+    U-Nets and denoisers of this package."""
     x = x_t.detach().clone().requires_grad_(True)
+    rows = []
     with torch.enable_grad():
         out = denoiser(x, alpha_bar)
-        (grad,) = torch.autograd.grad(out[:, pixel].sum(), x)
-    return grad.abs().mean(0).detach()
+        for i, pixel in enumerate(pixels):
+            (grad,) = torch.autograd.grad(out[:, pixel].sum(), x, retain_graph=i + 1 < len(pixels))
+            rows.append(grad.detach())
+    return torch.stack(rows)
+
+
+def sensitivity_field(denoiser: Denoiser, x_t: torch.Tensor, alpha_bar: float, pixel: int) -> torch.Tensor:
+    r""":math:`\mathbb E\,\lvert\partial\hat x_{0,\text{pixel}}/\partial x_t\rvert` over the batch ``x_t`` (d,): the
+    sensitivity field of Lukoianov et al. (2025), the mean magnitude of :func:`jacobian_rows`."""
+    return jacobian_rows(denoiser, x_t, alpha_bar, [pixel])[0].abs().mean(0)
 
 
 def field_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity of two non-negative sensitivity fields (1 = same shape, scale ignored)."""
+    """Cosine similarity of two fields (1 = same shape, scale ignored). Compare like with like: two magnitudes
+    (non-negative fields) or two signed rows."""
     a, b = a.flatten().double(), b.flatten().double()
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def half_mass_radius(fields: torch.Tensor, pixel: int, side: int) -> torch.Tensor:
+    """Width of sensitivity fields (..., side * side) of output ``pixel`` on a ``side`` x ``side`` image: the radius
+    (in pixels) of the smallest disc around the pixel that holds half of the field's magnitude. Shape (...)."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], 1).double()
+    distance = (coords - coords[pixel]).norm(dim=1)
+    order = distance.argsort()
+    mass = fields.abs().double()[..., order].cumsum(-1)
+    first = (mass >= 0.5 * mass[..., -1:]).double().argmax(-1)  # the first disc that holds half the mass
+    return distance[order][first]
+
+
+def mean_field_statistic(rows: torch.Tensor, statistic: Callable[[torch.Tensor], torch.Tensor],
+                         resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+    """``statistic`` (a map from fields (k, d) to values (k,)) of the mean of per-input fields ``rows`` (n, d), and
+    its bootstrap standard error over the n inputs (``resamples`` resamples with replacement, seeded): the sampling
+    error of a cosine, width or contrast of an averaged sensitivity field."""
+    rows = rows.double()
+    n = len(rows)
+    if n < 2:
+        raise ValueError(f"a standard error needs at least 2 inputs, got {n}")
+    index = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, index, torch.ones(resamples, n,
+                                                                                            dtype=torch.float64))
+    value = float(statistic(rows.mean(0, keepdim=True))[0])
+    return value, float(statistic(counts @ rows / n).std())
 
 
 def r_squared(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -218,8 +263,15 @@ def w_pattern(size: int = 28, width: int = 2) -> torch.Tensor:
     return pattern
 
 
+def pattern_amplitudes(n: int, seed: int, amplitude: float = 0.5) -> torch.Tensor:
+    r"""The amplitudes :math:`a_i \sim U(-\text{amplitude}, \text{amplitude})` that :func:`add_pattern` draws for
+    ``n`` images from ``seed`` (float32, the same numbers)."""
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
+
+
 def add_pattern(images: torch.Tensor, pattern: torch.Tensor, seed: int, amplitude: float = 0.5) -> torch.Tensor:
-    r"""``images`` (n, 1, H, W) in [-1, 1] plus :math:`a_i P` with :math:`a_i \sim U(-\text{amplitude}, \text{amplitude})`
-    per image, clipped to [-1, 1]: the data of the manipulation experiment."""
-    a = (torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
+    r"""``images`` (n, 1, H, W) in [-1, 1] plus :math:`a_i P` with :math:`a_i` from :func:`pattern_amplitudes`,
+    clipped to [-1, 1]: the data of the manipulation experiment. The clip erases part of the pattern: on a
+    background at -1 everything of a negative :math:`a_i`, on ink at +1 everything of a positive one."""
+    a = pattern_amplitudes(len(images), seed, amplitude)
     return (images + a[:, None, None, None] * pattern.to(images.dtype)).clamp(-1, 1)
