@@ -5,8 +5,16 @@ a finite sample. The tolerance must follow from that sample's size, so that the 
 loose where the quick ``smoke`` profile draws a few samples, tight where ``default`` draws many. These helpers state
 the standard error they allow in their failure message.
 
-``Z_CHECK = 4``: a claim that is true fails one of these checks with probability below 1e-4 per check (normal
-approximation), so a failing check means the claim (or the code) is wrong, not that the sample was unlucky.
+``Z_CHECK = 4``. What each check establishes:
+
+- :func:`assert_close` fails a true claim with probability about 6e-5 under the normal approximation of the
+  sample mean; with very few values (n < 10) the Student-t tails are heavier (about 1e-2 at n = 4), so chapters
+  use at least 8 values where they can and state n beside the check.
+- :func:`assert_below` and :func:`assert_above` are *not-refuted* checks: they fail only when the sample
+  contradicts the claim by more than ``Z_CHECK`` standard errors. They catch a claim that is clearly false, but
+  with a large standard error they cannot establish it; a claim that must be *established* ("A is more than B")
+  is asserted as ``difference > Z_CHECK * sem`` on paired values, which is what the chapters write out where they
+  say "resolved".
 """
 from __future__ import annotations
 
