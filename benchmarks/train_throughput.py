@@ -1,6 +1,10 @@
 """Training and sampling throughput of the default U-Net on the current device, printed as JSON.
 
     python benchmarks/train_throughput.py [--batch 128] [--steps 20] [--device cpu]
+    python benchmarks/train_throughput.py --precision-by-config [--out benchmarks/results/precision_cpu.json]
+
+The second form trains every named U-Net config's network (smoke, default, full sizes) for a few steps in fp32 and in
+bf16 autocast and reports which is faster: the measurement behind each config's ``precision`` setting.
 
 Training: AdamW steps on random 28x28 batches with the precision the training loop would pick
 (bf16 autocast on CPUs with native bf16 units and on CUDA); reported with fp32 beside it.
@@ -59,14 +63,46 @@ def sample_step_images_per_second(net: UNet, device: torch.device, dtype, batch:
     return batch * steps / (time.perf_counter() - started)
 
 
+def precision_by_config(device: torch.device, steps: int) -> dict:
+    """fp32 vs bf16 training images/s for each distinct U-Net size among the named configs, at its own batch size."""
+    from diffbook.configs import CONFIGS
+
+    sizes: dict[str, list[str]] = {}
+    for name, config in CONFIGS.items():
+        if config.net == "unet":
+            sizes.setdefault(json.dumps(config.net_config, sort_keys=True), []).append(name)
+    rows = []
+    for key, names in sizes.items():
+        config = CONFIGS[names[0]]
+        torch.manual_seed(0)
+        net = config.build_net().to(device)
+        speeds = {label: round(train_images_per_second(net, device, dtype, config.batch_size, steps), 1)
+                  for label, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
+        rows.append({"configs": names, "parameters": count_parameters(net), "batch": config.batch_size,
+                     "train_images_per_s": speeds, "bf16_speedup": round(speeds["bf16"] / speeds["fp32"], 2),
+                     "precision_set": sorted({CONFIGS[n].precision for n in names})})
+    return {"device": device.type, "hardware": describe_hardware(device), "torch": torch.__version__,
+            "steps": steps, "networks": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision-by-config", action="store_true",
+                        help="fp32 vs bf16 training speed for every named U-Net config's network")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args()
     device = pick_device(args.device)
+    if args.precision_by_config:
+        text = json.dumps(precision_by_config(device, args.steps), indent=2)
+        print(text)
+        if args.out:
+            from diffbook.storage import atomic_write_text
+            atomic_write_text(args.out, text + "\n")
+        return
     torch.manual_seed(0)
     net = UNet(UNetConfig()).to(device)
     auto = autocast_dtype(device, "auto")

@@ -10,7 +10,7 @@ from diffbook.paths import VPPath
 from diffbook.predictors import Predictor, predictor_from_trained
 from diffbook.samplers import FAST_SAMPLERS, karras_times, sample_ancestral, sample_ddim, step_times
 from diffbook.schedules import NoiseSchedule
-from diffbook.sweeps import ancestral_reference, nfe_spent, nfe_sweep, steps_for_nfe
+from diffbook.sweeps import ancestral_reference, nfe_spent, nfe_sweep, ode_errors, rms_distance, steps_for_nfe
 from diffbook.toy import GaussianMixture, exact_predictor
 
 GAUSSIAN = GaussianMixture(torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1.0, -2.0]], dtype=torch.float64),
@@ -74,3 +74,26 @@ def test_ancestral_reference_runs_ddpms_clipped_chain_on_its_own_steps():
     assert row["score"] == float(expected.abs().mean()) and row["seconds_per_sample"] > 0
     with pytest.raises(ValueError, match="DiscretePath"):
         ancestral_reference(exact_eps(GAUSSIAN, VPPath()), torch.zeros(2, 2), 10, float, torch.Generator().manual_seed(8))
+
+
+def test_rms_distance_is_per_sample_and_checks_shapes():
+    a = torch.zeros(3, 1, 2, 2)
+    b = torch.tensor([0.0, 1.0, 2.0]).reshape(3, 1, 1, 1).expand(3, 1, 2, 2)
+    assert torch.equal(rms_distance(a, b), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes differ"):
+        rms_distance(a, torch.zeros(3, 4))
+
+
+def test_ode_errors_shrink_at_each_samplers_order_against_a_fine_solution():
+    predictor = exact_eps(GAUSSIAN, VPPath())
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    fine = FAST_SAMPLERS["heun"](predictor, noise, karras_times(predictor.path, 400))
+    samplers = {"ddim": FAST_SAMPLERS["ddim"], "heun": FAST_SAMPLERS["heun"], "dpm++2m": FAST_SAMPLERS["dpm++2m"]}
+    errors = ode_errors(predictor, noise, (20, 40), fine, samplers)
+    assert set(errors) == set(samplers) and all(set(e) == {20, 40} and e[20].shape == (64,) for e in errors.values())
+    for name, order in (("ddim", 1), ("heun", 2), ("dpm++2m", 2)):  # doubling the budget doubles the steps
+        ratio = errors[name][20].mean() / errors[name][40].mean()
+        assert 2 ** (order - 0.5) < ratio < 2 ** (order + 0.7), (name, ratio.item())
+    # the reference itself has no error against itself: the function compares, it does not re-solve
+    assert torch.equal(ode_errors(predictor, noise, (400 * 2 - 1,), fine, {"heun": FAST_SAMPLERS["heun"]})["heun"][799],
+                       torch.zeros(64, dtype=torch.float64))
