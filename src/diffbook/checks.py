@@ -8,7 +8,7 @@ the standard error they allow in their failure message.
 ``Z_CHECK = 4``. What each check establishes:
 
 - :func:`assert_close` fails a true claim with probability about 6e-5 under the normal approximation of the
-  sample mean; with very few values (n < 10) the Student-t tails are heavier (about 1e-2 at n = 4), so chapters
+  sample mean; with very few values (n < 10) the Student-t tails are heavier (about 3e-2 at n = 4), so chapters
   use at least 8 values where they can and state n beside the check.
 - :func:`assert_below` and :func:`assert_above` are *not-refuted* checks: they fail only when the sample
   contradicts the claim by more than ``Z_CHECK`` standard errors. They catch a claim that is clearly false, but

@@ -65,7 +65,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype to train with, or None for plain float32.
 
     ``precision`` is ``"fp32"``, ``"bf16"`` or ``"auto"``: bf16 on CUDA GPUs that support it and on CPUs
-    with native bf16 units (measured 2.2x faster for the book's U-Net), float32 elsewhere (always on MPS).
+    with native bf16 units, float32 elsewhere (always on MPS). Whether bf16 pays off for a given network
+    size on a CPU is measured by ``benchmarks/train_throughput.py --precision-by-config``.
     """
     if precision == "fp32" or device.type == "mps":
         return None
