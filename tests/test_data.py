@@ -75,6 +75,15 @@ def make_tarball(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def fill_mnist_cache(files: dict[str, bytes]) -> Path:
+    """Put ``files`` in the (sandboxed) MNIST cache directory, as an earlier verified fetch would have."""
+    cached = dataset_cache_dir("mnist")
+    cached.mkdir(parents=True)
+    for name, payload in files.items():
+        (cached / name).write_bytes(payload)
+    return cached
+
+
 def all_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
@@ -246,16 +255,16 @@ def test_wrong_checksum_is_rejected_and_nothing_is_cached(sandbox, fake_mnist, t
     assert not (tmp_path / "fresh-cache").exists()
 
 
-def test_bad_user_file_falls_through_to_cache(sandbox, fake_mnist, tmp_path, monkeypatch):
-    cached = dataset_cache_dir("mnist")
-    cached.mkdir(parents=True)
-    for name, payload in fake_mnist.items():
-        (cached / name).write_bytes(payload)
+def test_bad_user_file_falls_through_to_cache_and_is_reported(sandbox, fake_mnist, tmp_path, monkeypatch, capsys):
+    cached = fill_mnist_cache(fake_mnist)
     user = tmp_path / "user"
     user.mkdir()
     (user / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
     monkeypatch.setenv("DIFFBOOK_DATA_DIR", str(user))
+    capsys.readouterr()
     assert ensure_dataset("mnist") == cached
+    err = capsys.readouterr().err  # junk the reader put there is never ignored without a word
+    assert "ignoring what $DIFFBOOK_DATA_DIR holds for mnist" in err and "train-images-idx3-ubyte" in err
     assert (cached / "train-images-idx3-ubyte").read_bytes() == fake_mnist["train-images-idx3-ubyte"]
 
 
@@ -405,27 +414,8 @@ def test_real_mnist_train_from_cache(monkeypatch):
 # --------------------------------------------------------------------------- faults a reader meets (issue 13)
 
 
-def test_junk_in_the_user_directory_is_reported_even_when_the_cache_is_good(sandbox, fake_mnist, tmp_path,
-                                                                            monkeypatch, capsys):
-    cached = dataset_cache_dir("mnist")
-    cached.mkdir(parents=True)
-    for name, payload in fake_mnist.items():
-        (cached / name).write_bytes(payload)
-    user = tmp_path / "user"
-    user.mkdir()
-    (user / "t10k-labels-idx1-ubyte").write_bytes(b"junk")
-    monkeypatch.setenv("DIFFBOOK_DATA_DIR", str(user))
-    capsys.readouterr()
-    assert ensure_dataset("mnist") == cached
-    err = capsys.readouterr().err
-    assert "ignoring what $DIFFBOOK_DATA_DIR holds for mnist" in err and "t10k-labels-idx1-ubyte" in err
-
-
 def test_a_corrupt_test_split_does_not_block_the_train_split(sandbox, fake_mnist):
-    cached = dataset_cache_dir("mnist")
-    cached.mkdir(parents=True)
-    for name, payload in fake_mnist.items():
-        (cached / name).write_bytes(payload)
+    cached = fill_mnist_cache(fake_mnist)
     (cached / "t10k-images-idx3-ubyte").write_bytes(b"cut short")
     train = load_dataset("mnist", "train")
     assert len(train) == 5
