@@ -36,3 +36,14 @@ def test_one_integral_merges_by_linearity_and_rejects_what_is_not_linear():
         one_integral(x * sp.Integral(f(x), over_x), over_x)
     with pytest.raises(ValueError, match="one integral"):
         one_integral(sp.Integral(f(x), (x, 0, 1)), over_x)  # another range
+
+
+def test_standard_normal_expectation_matches_the_density():
+    import sympy as sp
+    from diffbook.symbolic import standard_normal_expectation
+    z, w, a = sp.symbols("z w a", real=True)
+    density = sp.exp(-z**2 / 2) / sp.sqrt(2 * sp.pi)
+    for k in range(6):
+        assert sp.integrate(z**k * density, (z, -sp.oo, sp.oo)) == standard_normal_expectation(z**k, (z,))
+    # independence: E[(a z + w)^2 z^2] = a^2 E z^4 + E w^2 E z^2 = 3 a^2 + 1
+    assert sp.simplify(standard_normal_expectation((a * z + w) ** 2 * z**2, (z, w)) - (3 * a**2 + 1)) == 0

@@ -14,6 +14,8 @@ so that identities between integrals of unknown functions (``sp.Function``) redu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sympy as sp
 
 
@@ -45,3 +47,13 @@ def one_integral(expr: sp.Expr, limits: tuple) -> sp.Integral:
             raise ValueError(f"the factor {factor} of term {term} depends on the integration variable {variable}")
         total += factor * integrals[0].function
     return sp.Integral(total, tuple(limits))
+
+
+def standard_normal_expectation(expr: sp.Expr, normals: Sequence[sp.Symbol]) -> sp.Expr:
+    r"""E over independent standard normals ``normals`` of a polynomial in them, monomial by monomial, with
+    :math:`\mathbb E z^k = (k-1)!!` for even k and 0 for odd k (the moments are checked against the density in
+    the tests)."""
+    total = sp.Integer(0)
+    for powers, coeff in sp.Poly(sp.expand(expr), *normals).terms():
+        total += coeff * sp.prod([sp.Integer(0) if k % 2 else sp.factorial2(k - 1) for k in powers])
+    return sp.expand(total)
