@@ -6,12 +6,16 @@ MPS's missing float64) are checked as far as a CPU can check them.
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import diffbook.train as train_module
+from diffbook.checkpoints import TrainedModel
 from diffbook.configs import CONFIGS
 from diffbook.device import autocast_dtype
 from diffbook.predictors import predictor_from_trained
-from diffbook.samplers import sample_ancestral, sample_heun, time_grid
+from diffbook.losses import OBJECTIVES
+from diffbook.samplers import SAMPLERS, sample_ancestral, sample_heun, time_grid
 
 FULL = sorted(name for name in CONFIGS if name.endswith("_full"))
 CPU = torch.device("cpu")
@@ -55,3 +59,53 @@ def test_autocast_choices_for_each_device(monkeypatch):
     assert autocast_dtype(torch.device("cuda"), "fp32") is None
     with pytest.raises(ValueError, match="precision must be"):
         autocast_dtype(CPU, "fp16")
+
+
+class _Float64OffTheCpu(TorchDispatchMode):
+    """Records every operation that touches a float64 tensor on a device other than the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.offending = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten((args, kwargs, out))[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.dtype == torch.float64:
+                self.offending.add(str(func))
+        return out
+
+
+# The "meta" device stands in for an accelerator: its tensors have no data, so any float64 on it, any device
+# mix-up (a CPU time vector meeting device images) and any .item() on device data fail here as they would on MPS.
+META = torch.device("meta")
+TRAINED_KINDS = ["mnist_ddpm", "mnist_fm", "ring_eps", "ring_fm"]
+
+
+@pytest.mark.parametrize("name", TRAINED_KINDS)
+def test_every_sampler_keeps_float64_off_the_device(name):
+    config = CONFIGS[name]
+    model = TrainedModel(net=config.build_net().to(META).eval(), config=config, manifest={}, loss_history=[])
+    predictor = predictor_from_trained(model)
+    shape = (2, 2) if config.net == "mlp" else (2, 1, 28, 28)
+    x = torch.randn(shape).to(META)
+    for sampler_name, sampler in SAMPLERS.items():
+        watch = _Float64OffTheCpu()
+        with watch, torch.no_grad():
+            # from t < 1: the linear path's log-SNR is -inf at t = 1, which the exponential integrators refuse
+            out = sampler(predictor, x, time_grid(3, t_start=0.9), generator=torch.Generator().manual_seed(0))
+        assert out.device == META and out.dtype == torch.float32, sampler_name
+        assert not watch.offending, f"{sampler_name}: float64 on the device in {sorted(watch.offending)}"
+
+
+@pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_fm", "mnist_classifier"])
+def test_every_training_loss_keeps_float64_off_the_device(name):
+    config = CONFIGS[name]
+    net = config.build_net().to(META)
+    x0 = torch.randn(2, 1, 28, 28).to(META)
+    y = torch.tensor([3, 7]).to(META) if config.objective == "classification" else None
+    watch = _Float64OffTheCpu()
+    with watch:
+        loss = OBJECTIVES[config.objective](net, x0, config.build_schedule(), torch.Generator().manual_seed(0), y)
+        loss.backward()
+    assert loss.device == META and not watch.offending, sorted(watch.offending)

@@ -1,6 +1,7 @@
 """Faults during training: divergence never reaches a file, SIGTERM stops like Ctrl-C, killed writes are cleaned."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from diffbook.checkpoints import build_manifest, release, run_dir
 from diffbook.configs import TrainConfig
 from diffbook.nets import MLPConfig
 from diffbook.storage import atomic_write_bytes, remove_stale_parts, sha256_file
-from diffbook.train import Interrupted, TrainingDiverged, train
+from diffbook.train import Interrupted, TrainingDiverged, UnreadableState, train
 
 CPU = torch.device("cpu")
 RING = TrainConfig(name="ring_tiny", dataset="ring", net="mlp", net_config=MLPConfig(hidden=16, layers=2).to_dict(),
@@ -137,11 +138,43 @@ def test_parts_of_killed_writes_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_a_truncated_state_names_the_file_and_how_to_start_over(isolated_cache):
+    fresh = train(RING, device=CPU, progress=False)
+    shutil.rmtree(run_dir(RING))
     train(RING, device=CPU, progress=False, max_steps=2)
     state = run_dir(RING) / "state.pt"
-    state.write_bytes(state.read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match=r"cannot read the resumable state .*state.pt.*mv '.*state.pt' '.*broken'"):
+    truncated = state.read_bytes()[:1000]
+    state.write_bytes(truncated)
+    with pytest.raises(UnreadableState, match=r"cannot read the resumable state .*state.pt.*--start-over.*"
+                                              r"mv '.*state.pt' '.*broken'"):
         train(RING, device=CPU, progress=False)
+    assert state.read_bytes() == truncated  # the error touches nothing
+    restarted = train(RING, device=CPU, progress=False, start_over=True)
+    (kept,) = run_dir(RING).glob("state.pt.broken-*")
+    assert kept.read_bytes() == truncated  # moved aside, not deleted
+    assert restarted.manifest["steps"] == RING.steps
+    for name, value in fresh.net.state_dict().items():  # a start over is a fresh run, bit for bit
+        assert torch.equal(value, restarted.net.state_dict()[name]), name
+
+
+def test_the_command_line_offers_start_over_for_an_unreadable_state(isolated_cache):
+    train(RING, device=CPU, progress=False, max_steps=2)
+    state = run_dir(RING) / "state.pt"
+    state.write_bytes(b"not a state")
+    ring_config = json.dumps(RING.to_dict())
+    script = ("import json, sys; import diffbook.configs as c, diffbook.train as t; "
+              f"cfg = c.TrainConfig.from_dict(json.loads({ring_config!r})); c.CONFIGS[cfg.name] = cfg; "
+              "t.main(sys.argv[1:])")
+    env = {**os.environ, "DIFFBOOK_DEVICE": "cpu"}
+    refused = subprocess.run([sys.executable, "-c", script, RING.name], capture_output=True, text=True, env=env,
+                             stdin=subprocess.DEVNULL, timeout=300)
+    assert refused.returncode == 1  # no terminal to ask on: nothing moved, the error says how
+    assert "--start-over" in refused.stderr and "Traceback" not in refused.stderr
+    assert state.read_bytes() == b"not a state"
+    done = subprocess.run([sys.executable, "-c", script, RING.name, "--start-over"], capture_output=True, text=True,
+                          env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == RING.steps
+    assert len(list(run_dir(RING).glob("state.pt.broken-*"))) == 1
 
 
 def test_broken_or_missing_manifests_are_explained(isolated_cache, capsys):

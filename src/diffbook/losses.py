@@ -22,9 +22,8 @@ def ddpm_eps_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, gen
     so a run is reproducible whatever the device."""
     t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = t.to(x0.device)
     x_t = schedule.q_sample(x0, t, noise)
-    return (net(x_t, t.float(), y).float() - noise).pow(2).mean()
+    return (net(x_t, t.float().to(x0.device), y).float() - noise).pow(2).mean()
 
 
 def denoising_score_matching_loss(score: Callable[[torch.Tensor, float], torch.Tensor], x0: torch.Tensor, sigma: float,

@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 def as_time(t: torch.Tensor | float) -> torch.Tensor:
-    """``t`` as a float64 tensor (on its own device)."""
-    return t.double() if torch.is_tensor(t) else torch.as_tensor(t, dtype=torch.float64)
+    """``t`` as a float64 tensor on the CPU. Time arithmetic (schedules, their inverses) stays there, whatever device
+    holds the data: Apple MPS has no float64, and the coefficients reach the data only through :func:`broadcast`,
+    which casts them to the data's dtype before moving them."""
+    if not torch.is_tensor(t):
+        return torch.as_tensor(t, dtype=torch.float64)
+    return t.to("cpu").double()  # move first: a float64 conversion on MPS would fail
 
 
 def broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,13 @@ from typing import Callable
 
 import torch
 
-from .paths import LinearPath, NoisePath, broadcast
+from .paths import LinearPath, NoisePath, as_time, broadcast
 
 KINDS = ("eps", "x0", "score", "v", "velocity")
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``fn(x, t)``: a prediction for images or points ``x`` (batch, ...) at times ``t`` (batch,), float64."""
+"""``fn(x, t)``: a prediction for images or points ``x`` (batch, ...) at times ``t`` (batch,), float64 on the CPU
+(see :func:`~diffbook.paths.as_time`; a network moves them to its device in its own dtype)."""
 
 
 def check_kind(kind: str) -> None:
@@ -108,7 +109,7 @@ class Predictor:
         check_kind(self.kind)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, kind: str = "velocity") -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        t = as_time(t)
         times = t.expand(x.shape[0]) if t.ndim == 0 else t
         if times.shape != (x.shape[0],):
             raise ValueError(f"t must be one time or one per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
@@ -177,7 +178,7 @@ def predictor_from_trained(model, y: torch.Tensor | None = None) -> Predictor:
     scale, net = float(model.config.T), model.net
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x.float(), (scale * t).float(), y)
+        return net(x.float(), (scale * t).float().to(x.device), y)
 
     return Predictor(fn, _OBJECTIVE_KIND[objective], path)
 
@@ -192,7 +193,7 @@ def predictor_from_denoiser(denoise: FlatDenoiser, path: NoisePath) -> Predictor
     point of the variance-preserving one after scaling: :math:`x/\sqrt{\alpha^2+\sigma^2}`, with
     :math:`\bar\alpha = \alpha^2/(\alpha^2+\sigma^2)`."""
     def fn(x: torch.Tensor, t: float) -> torch.Tensor:
-        alpha, sigma = path.alpha(torch.tensor(t, dtype=torch.float64)).item(), path.sigma(torch.tensor(t, dtype=torch.float64)).item()
+        alpha, sigma = path.alpha(as_time(t)).item(), path.sigma(as_time(t)).item()
         norm = alpha**2 + sigma**2
         return denoise(x.flatten(1) / norm**0.5, alpha**2 / norm).reshape(x.shape).to(x.dtype)
 

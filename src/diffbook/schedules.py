@@ -157,12 +157,12 @@ def expand(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.T
     ``t`` must hold integer steps in ``0..T`` (``T = len(values) - 1``); negative steps are refused rather than
     counted from the end.
     """
-    t = torch.as_tensor(t)
+    t = torch.as_tensor(t).cpu()  # the lookup happens on the CPU: the tables are float64, which MPS lacks
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"t must hold integer steps 0..{len(values) - 1}, got dtype {t.dtype}; for continuous times "
                         "in [0, 1] use the schedule's path() (diffbook.paths)")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > len(values) - 1):
         raise IndexError(f"t must lie in 0..{len(values) - 1} (T = {len(values) - 1} steps; 0 is clean data), "
                          f"got {int(t.min())}..{int(t.max())}")
-    out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+    out = values[t].to(like.dtype).to(like.device)
     return out.reshape(-1, *([1] * (like.ndim - 1)))

@@ -106,24 +106,42 @@ def _non_finite(net: nn.Module) -> list[str]:
     return [name for name, value in tensors if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
+class UnreadableState(RuntimeError):
+    """A run's resumable state file cannot be read (cut short by a crash or a full disk, or not a training state)."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def read_state(state_path: Path, device: torch.device) -> dict:
-    """Load a run's resumable state; an unreadable file gets an error that names it and how to start over."""
+    """Load a run's resumable state; an unreadable file raises :class:`UnreadableState`, naming it and how to start
+    over (``python -m diffbook.train NAME --start-over``, or ``train(..., start_over=True)``)."""
+    how = (f"To start this run over, run again with --start-over (or start_over=True), which moves it aside, or "
+           f"move it yourself: mv '{state_path}' '{state_path}.broken'")
     try:
         state = torch.load(state_path, map_location=device, weights_only=False)
         missing = [k for k in ("config", "step", "net", "ema", "optimizer", "generator") if k not in state]
     except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise RuntimeError(
-            f"cannot read the resumable state {state_path} ({type(error).__name__}: {error}); it was probably cut "
-            f"short by a crash or a full disk. Move it aside to start this run over: mv '{state_path}' "
-            f"'{state_path}.broken'") from None
+        raise UnreadableState(f"cannot read the resumable state {state_path} ({type(error).__name__}: {error}); it "
+                              f"was probably cut short by a crash or a full disk. {how}", state_path) from None
     if missing:
-        raise RuntimeError(f"{state_path} lacks {', '.join(missing)}: it is not a diffbook training state. Move it "
-                           f"aside to start over: mv '{state_path}' '{state_path}.broken'")
+        raise UnreadableState(f"{state_path} lacks {', '.join(missing)}: it is not a diffbook training state. {how}",
+                              state_path)
     return state
 
 
+def move_aside(state_path: Path) -> Path:
+    """Rename an unreadable state to ``state.pt.broken-<UTC time>`` (kept for inspection, never deleted)."""
+    target = state_path.with_name(f"{state_path.name}.broken-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    state_path.rename(target)
+    print(f"moved the unreadable {state_path} aside to {target}; starting over", file=sys.stderr)
+    return target
+
+
 def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: str | os.PathLike | None = None,
-          max_steps: int | None = None, progress: bool = True, command: str | None = None) -> TrainedModel:
+          max_steps: int | None = None, progress: bool = True, command: str | None = None,
+          start_over: bool = False) -> TrainedModel:
     """Train ``config`` (resuming from its run directory if a checkpoint is there) and return the EMA model.
 
     ``max_steps`` stops early after that many total steps, leaving a resumable checkpoint (used by tests to
@@ -133,6 +151,9 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     Every step checks the loss and the gradient norm: a NaN or infinity raises :class:`TrainingDiverged` before
     the optimiser applies it, and nothing is saved from then on, so the last checkpoint stays the last good one.
     SIGINT and SIGTERM save the state of the last finished step and raise :class:`Interrupted`.
+
+    An unreadable state file raises :class:`UnreadableState`; with ``start_over=True`` it is moved aside instead
+    (see :func:`move_aside`) and the run starts from step 0. A readable state is always resumed.
     """
     device = device or pick_device()
     directory = run_dir(config)
@@ -147,6 +168,11 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     schedule = config.build_schedule()
     step, wall_time, losses = 0, 0.0, []
 
+    if state_path.exists() and start_over:
+        try:
+            read_state(state_path, device)
+        except UnreadableState:
+            move_aside(state_path)
     if state_path.exists():
         state = read_state(state_path, device)
         if state["config"] != config.to_dict():
@@ -246,20 +272,39 @@ def load_or_train(config: TrainConfig, *, device: torch.device | None = None, pr
     return train(config, device=device, progress=progress)
 
 
+def _confirm(question: str) -> bool:
+    """Ask on an interactive terminal; never blocks a script or a job (no terminal means no)."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    print(question, end="", file=sys.stderr, flush=True)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffbook.train NAME [--out DIR] [--device D] [--steps N]``: train a named config."""
+    """``python -m diffbook.train NAME [--out DIR] [--device D] [--steps N] [--start-over]``: train a named config."""
     parser = argparse.ArgumentParser(prog="python -m diffbook.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", choices=sorted(CONFIGS), help="a named training config (diffbook.configs)")
     parser.add_argument("--out", default=None, help="directory for <name>.pt/.json (default: the run directory)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: picked automatically)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    parser.add_argument("--start-over", action="store_true",
+                        help="if the run's resumable state is unreadable, move it aside and train from step 0")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = config.replace(steps=args.steps)
     command = "python -m diffbook.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    device = pick_device(args.device)
     try:
-        result = train(config, device=pick_device(args.device), out_dir=args.out, command=command)
+        try:
+            result = train(config, device=device, out_dir=args.out, command=command, start_over=args.start_over)
+        except UnreadableState as error:
+            if not _confirm(f"error: {error}\nMove {error.path.name} aside and start this run over? [y/N] "):
+                sys.exit(f"error: {error}")
+            result = train(config, device=device, out_dir=args.out, command=command, start_over=True)
     except Interrupted as stop:  # the message is printed already; exit like the signal, without a traceback
         sys.exit(128 + stop.signum)
     except TrainingDiverged as error:
