@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed-stamp
 MATHJAX := book_static/mathjax/es5/tex-mml-chtml.js
 JB_FLAGS := --all -W -n --keep-going
 
-.PHONY: book test pytest nbval book-smoke env data clean help
+.PHONY: book test pytest nbval book-smoke notebooks env data clean help
 
 help:
 	@echo "make book   build the rendered book in _build/html (executes every chapter, profile 'default')"
 	@echo "make test   package tests, then the book built once in profile 'smoke': every chapter executes with the"
 	@echo "            shipped checkpoints and small samples, and every chapter's claims are asserted"
+	@echo "make notebooks   _build/notebooks/<chapter>_student.ipynb (exercises as stubs) and <chapter>_solutions.ipynb"
 	@echo "make nbval CHAPTERS=chapters/06_fast_sampling.md   one chapter under nbval (profile 'smoke'), cell by cell"
 
 env: $(STAMP)
@@ -34,7 +35,11 @@ $(MATHJAX):
 	tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent mathjax@3.2.2 >/dev/null) \
 	  && tar -xzf $$tmp/mathjax-3.2.2.tgz -C $$tmp package/es5 && mv $$tmp/package/es5 book_static/mathjax/es5 && rm -rf $$tmp
 
-book: $(STAMP) data $(MATHJAX)
+# Student and solution notebooks for every chapter; each page links its two.
+notebooks: $(STAMP)
+	$(BIN)/python -m diffbook.handouts chapters/0[1-9]_*.md --out _build/notebooks
+
+book: $(STAMP) data $(MATHJAX) notebooks
 	DIFFBOOK_PROFILE=default $(BIN)/jupyter-book build $(JB_FLAGS) .
 	@echo "open _build/html/index.html"
 
@@ -48,7 +53,7 @@ nbval: $(STAMP) data
 	  --nbval-cell-timeout=600 $(CHAPTERS)
 
 # The chapters' asserts are their claims: a failing cell fails the build (-W), and its traceback is printed.
-book-smoke: $(STAMP) data $(MATHJAX)
+book-smoke: $(STAMP) data $(MATHJAX) notebooks
 	rm -rf _build/smoke/html/reports
 	DIFFBOOK_PROFILE=smoke $(BIN)/jupyter-book build $(JB_FLAGS) --path-output _build/smoke . \
 	  || { find _build/smoke/html/reports -name "*.log" -exec cat {} + 2>/dev/null; exit 1; }
