@@ -7,14 +7,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MATHJAX := book_static/mathjax/es5/tex-mml-chtml.js
-JB_FLAGS := --all -W -n --keep-going
+JB_FLAGS := -W -n --keep-going
+CHAPTER_FILES := $(sort $(wildcard chapters/0[0-9]_*.md))
 
-.PHONY: book test pytest nbval book-smoke notebooks env data clean help
+.PHONY: book test pytest nbval book-smoke pages browser notebooks env data clean help
 
 help:
 	@echo "make book   build the rendered book in _build/html (executes every chapter, profile 'default')"
 	@echo "make test   package tests, then the book built once in profile 'smoke': every chapter executes with the"
-	@echo "            shipped checkpoints and small samples, and every chapter's claims are asserted"
+	@echo "            shipped checkpoints and small samples, and every chapter's claims are asserted; then every"
+	@echo "            page is opened in headless Chromium (installed with apt-get when missing)"
 	@echo "make notebooks   _build/notebooks/<chapter>_student.ipynb (exercises as stubs) and <chapter>_solutions.ipynb"
 	@echo "make nbval CHAPTERS=chapters/06_fast_sampling.md   one chapter under nbval (profile 'smoke'), cell by cell"
 
@@ -37,9 +39,12 @@ $(MATHJAX):
 
 # Student and solution notebooks for every chapter; each page links its two.
 notebooks: $(STAMP)
-	$(BIN)/python -m diffbook.handouts chapters/0[1-9]_*.md --out _build/notebooks
+	$(BIN)/python -m diffbook.handouts $(filter-out chapters/00_%,$(CHAPTER_FILES)) --out _build/notebooks
 
+# Incremental: the execution cache is keyed on each chapter's code, the package modules and checkpoints it uses,
+# and the profile (diffbook.book_cache); stale chapters execute two at a time, then Sphinx re-reads changed pages.
 book: $(STAMP) data $(MATHJAX) notebooks
+	DIFFBOOK_PROFILE=default $(BIN)/python -m diffbook.book_cache --cache _build/.jupyter_cache $(CHAPTER_FILES)
 	DIFFBOOK_PROFILE=default $(BIN)/jupyter-book build $(JB_FLAGS) .
 	@echo "open _build/html/index.html"
 
@@ -55,10 +60,25 @@ nbval: $(STAMP) data
 # The chapters' asserts are their claims: a failing cell fails the build (-W), and its traceback is printed.
 book-smoke: $(STAMP) data $(MATHJAX) notebooks
 	rm -rf _build/smoke/html/reports
-	DIFFBOOK_PROFILE=smoke $(BIN)/jupyter-book build $(JB_FLAGS) --path-output _build/smoke . \
+	DIFFBOOK_PROFILE=smoke $(BIN)/python -m diffbook.book_cache --cache _build/smoke/_build/.jupyter_cache \
+	  $(CHAPTER_FILES)
+	DIFFBOOK_PROFILE=smoke $(BIN)/jupyter-book build --all $(JB_FLAGS) --path-output _build/smoke . \
 	  || { find _build/smoke/html/reports -name "*.log" -exec cat {} + 2>/dev/null; exit 1; }
 
-test: pytest book-smoke
+# Headless Chromium for the page tests: Debian's packages, installed when we may (root with apt-get).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (apt-get)"; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  else echo "the page tests need Chromium: sudo apt-get install chromium chromium-driver"; exit 1; fi; fi
+
+# Every built page opened in headless Chromium: formulas typeset, images loaded, no error output, links resolve.
+pages: $(STAMP) browser book-smoke
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_rendered_pages.py --book-html _build/smoke/html
+
+test: pytest book-smoke pages
 
 clean:
 	rm -rf _build

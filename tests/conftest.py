@@ -21,3 +21,17 @@ def tiny_images(monkeypatch):
     dataset = ImageDataset("synthetic", "train", images, labels, tuple(str(i) for i in range(10)))
     monkeypatch.setattr("diffbook.training_data.load_dataset", lambda name, split="train": dataset)
     return dataset
+
+
+def pytest_addoption(parser):
+    parser.addoption("--book-html", default=None,
+                     help="a built book's html folder: test every page in headless Chromium (tests/test_rendered_pages.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--book-html"):
+        return
+    skip = pytest.mark.skip(reason="needs a built book: make test runs it with --book-html _build/smoke/html")
+    for item in items:
+        if item.path.name == "test_rendered_pages.py":
+            item.add_marker(skip)

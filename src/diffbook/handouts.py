@@ -163,13 +163,17 @@ def make_handout(chapter: str | Path) -> Handout:
 
 
 def write_handouts(chapters: list[Path], out: Path) -> list[Path]:
-    """Write ``<stem>_student.ipynb`` and ``<stem>_solutions.ipynb`` for every chapter into ``out``."""
+    """Write ``<stem>_student.ipynb`` and ``<stem>_solutions.ipynb`` for every chapter into ``out``. A file whose
+    content would not change is left alone, so that an incremental book build sees nothing new."""
     from .storage import atomic_write_text
     written = []
     for chapter in chapters:
         handout = make_handout(chapter)
         for suffix, nb in ((STUDENT_SUFFIX, handout.student), (SOLUTIONS_SUFFIX, handout.solutions)):
-            written.append(atomic_write_text(out / f"{chapter.stem}{suffix}.ipynb", nbformat.writes(nb)))
+            path, text = out / f"{chapter.stem}{suffix}.ipynb", nbformat.writes(nb)
+            if not (path.exists() and path.read_text() == text):
+                atomic_write_text(path, text)
+            written.append(path)
     return written
 
 
