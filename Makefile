@@ -59,11 +59,11 @@ nbval: $(STAMP) data
 
 # The chapters' asserts are their claims: a failing cell fails the build (-W), and its traceback is printed.
 book-smoke: $(STAMP) data $(MATHJAX) notebooks
-	rm -rf _build/smoke/html/reports
+	rm -rf _build/smoke/_build/html/reports
 	DIFFBOOK_PROFILE=smoke $(BIN)/python -m diffbook.book_cache --cache _build/smoke/_build/.jupyter_cache \
 	  $(CHAPTER_FILES)
 	DIFFBOOK_PROFILE=smoke $(BIN)/jupyter-book build --all $(JB_FLAGS) --path-output _build/smoke . \
-	  || { find _build/smoke/html/reports -name "*.log" -exec cat {} + 2>/dev/null; exit 1; }
+	  || { find _build/smoke/_build/html/reports -name "*.log" -exec cat {} + 2>/dev/null; exit 1; }
 
 # Headless Chromium for the page tests: Debian's packages, installed when we may (root with apt-get).
 browser:
@@ -76,7 +76,7 @@ browser:
 
 # Every built page opened in headless Chromium: formulas typeset, images loaded, no error output, links resolve.
 pages: $(STAMP) browser book-smoke
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_rendered_pages.py --book-html _build/smoke/html
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_rendered_pages.py --book-html _build/smoke/_build/html
 
 test: pytest book-smoke pages
 

@@ -1,9 +1,12 @@
-"""Execute chapters as a reader would (a fresh kernel each) and report each one's wall time and its slowest cells.
+"""How long each chapter takes to execute: run them as a reader would (a fresh kernel each, one after another),
+or read the times a book build recorded in its execution cache.
 
     DIFFBOOK_PROFILE=smoke python benchmarks/chapter_timings.py chapters/01_ddpm.md
     DIFFBOOK_PROFILE=default python benchmarks/chapter_timings.py chapters/0*.md --out benchmarks/results/chapter_times_default.json
+    python benchmarks/chapter_timings.py chapters/0*.md --from-cache _build/.jupyter_cache --profile default \
+        --out benchmarks/results/chapter_times_default.json      (after `make book`: its 2-at-a-time times)
 
-The preface's time table is read from the ``--out`` files in ``benchmarks/results/`` (one per profile).
+The preface's time table reads ``benchmarks/results/chapter_times_<profile>.json``.
 """
 from __future__ import annotations
 
@@ -39,16 +42,41 @@ def time_chapter(chapter: Path, top: int) -> dict:
             "slowest": sorted(timings, key=lambda t: -t["seconds"])[:top]}
 
 
+def cached_times(chapters: list[Path], cache_path: Path) -> list[dict]:
+    """The execution times a book build stored with each chapter's cached outputs (chapters not cached: left out)."""
+    from jupyter_cache import get_cache
+
+    from diffbook.book_cache import read_chapter
+    cache = get_cache(cache_path)
+    found = []
+    for chapter in chapters:
+        try:
+            record = cache.match_cache_notebook(read_chapter(chapter))
+        except KeyError:
+            continue
+        found.append({"chapter": chapter.stem, "seconds": round(record.data["execution_seconds"], 1)})
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("chapters", type=Path, nargs="+")
     parser.add_argument("--top", type=int, default=5, help="how many of the slowest cells to keep per chapter")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
+    parser.add_argument("--from-cache", type=Path, default=None, help="read a book build's jupyter-cache instead")
+    parser.add_argument("--profile", default=None, help="the profile that cache was built in (with --from-cache)")
     args = parser.parse_args()
-    report = {"profile": os.environ.get("DIFFBOOK_PROFILE", "default"),
+    report = {"profile": args.profile or os.environ.get("DIFFBOOK_PROFILE", "default"),
               "hardware": f"{describe_hardware(pick_device())}, {os.cpu_count()} logical CPUs",
-              "torch_threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+              "how": ("make book: two chapters at a time, one torch thread each" if args.from_cache
+                      else f"one chapter at a time, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"),
               "load_average_before": os.getloadavg()[0], "chapters": []}
+    if args.from_cache:
+        report["chapters"] = cached_times(args.chapters, args.from_cache)
+        if args.out:
+            atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return
     for chapter in args.chapters:
         report["chapters"].append(time_chapter(chapter, args.top))
         print(json.dumps(report["chapters"][-1]), flush=True)

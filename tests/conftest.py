@@ -31,7 +31,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--book-html"):
         return
-    skip = pytest.mark.skip(reason="needs a built book: make test runs it with --book-html _build/smoke/html")
+    skip = pytest.mark.skip(reason="needs a built book: make test runs it with --book-html _build/smoke/_build/html")
     for item in items:
         if item.path.name == "test_rendered_pages.py":
             item.add_marker(skip)

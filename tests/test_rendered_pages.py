@@ -1,6 +1,6 @@
 """Every page of the built book, as a reader sees it in a browser (headless Chromium).
 
-    python -m pytest tests/test_rendered_pages.py --book-html _build/smoke/html      (``make test`` runs this)
+    python -m pytest tests/test_rendered_pages.py --book-html _build/smoke/_build/html      (``make test`` runs this)
 
 For each page: every formula typeset by the book's offline MathJax (no raw TeX, no TeX errors), every image loaded,
 no error output or traceback in any cell, no failed request in the browser's console, and every internal link

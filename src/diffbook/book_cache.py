@@ -9,7 +9,8 @@ It does not see a change in this package or in a shipped checkpoint, so this mod
 * the shipped checkpoints (``checkpoints/<name>.pt`` and its manifest) whose config name, or config constant
   (``MNIST_DDPM``), appears in the chapter's code or in one of those modules other than the registry ``configs``
   (e.g. ``metrics`` loads the classifier); all of them for a chapter that lists ``checkpoints_dir()`` itself;
-* the profile (``$DIFFBOOK_PROFILE``) and ``requirements.txt``.
+* the profile (``$DIFFBOOK_PROFILE``) and ``requirements.txt`` (and, for a chapter that tabulates them, the
+  measurements in ``benchmarks/results``).
 
 When a chapter's key changes, its cache record is removed and its source is touched, so Sphinx re-reads it and
 myst-nb re-executes it. Chapters with no cache record are then executed here, ``--jobs`` at a time with the CPU
@@ -74,7 +75,7 @@ def chapter_dependencies(chapter: Path) -> tuple[list[str], list[str]]:
             modules.add(name)
             todo |= _imported_modules((PACKAGE_DIR / f"{name}.py").read_text())
     # configs names every config: it is the registry, not a use. Other modules name what they load themselves.
-    text = code + "\n".join((PACKAGE_DIR / f"{name}.py").read_text() for name in modules if name != "configs")
+    text = code + "\n" + "\n".join((PACKAGE_DIR / f"{name}.py").read_text() for name in modules if name != "configs")
     shipped = {path.stem for path in checkpoints_dir().glob("*.pt")}
     if "checkpoints_dir()" in code:  # the chapter lists the checkpoints itself (the preface's table)
         return sorted(modules), sorted(shipped)
@@ -91,6 +92,8 @@ def chapter_key(chapter: Path, profile: str) -> dict:
     """Everything a chapter's outputs depend on beyond its own code, with content hashes."""
     modules, checkpoints = chapter_dependencies(chapter)
     files = [PACKAGE_DIR / f"{name}.py" for name in modules]
+    if "benchmarks" in chapter.read_text():  # the preface tabulates the measured times
+        files += sorted((REPO_ROOT / "benchmarks" / "results").glob("*.json"))
     for name in checkpoints:
         files += [checkpoints_dir() / f"{name}.pt", checkpoints_dir() / f"{name}.json"]
     files.append(REPO_ROOT / "requirements.txt")
@@ -111,7 +114,7 @@ def invalidate_changed(chapters: list[Path], cache_path: Path, profile: str) -> 
             continue
         try:
             record = cache.match_cache_notebook(read_chapter(chapter))
-            cache.remove_cache_record(record.pk)
+            cache.remove_cache(record.pk)
         except KeyError:  # nothing cached for this code
             pass
         if chapter.name in stored:  # a first build has nothing to re-read
