@@ -40,3 +40,17 @@ def test_dsm_loss_is_minimised_by_the_score_of_the_noised_data():
                                                    torch.Generator().manual_seed(4)).item()
               for scale in (0.9, 1.0, 1.1)}
     assert losses[1.0] < losses[0.9] and losses[1.0] < losses[1.1]
+
+
+def test_logit_normal_times_have_the_logit_normal_quantiles():
+    from diffbook.checks import binomial_sem
+    from diffbook.losses import logit_normal_times, uniform_times
+    n = 20_000
+    t = logit_normal_times(n, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.float64 and bool(((t > 0) & (t < 1)).all())
+    # P(t < sigmoid(1)) = P(n < 1) = Phi(1)
+    fraction = float((t < torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))).double().mean())
+    assert abs(fraction - 0.8413447460685429) < 4 * binomial_sem(0.8413447460685429, n)
+    u = uniform_times(n, torch.Generator().manual_seed(0))
+    middle = lambda x: float(((x > 0.25) & (x < 0.75)).double().mean())  # noqa: E731
+    assert middle(t) > middle(u) + 4 * binomial_sem(0.5, n)  # more training times mid-path than uniform

@@ -155,3 +155,21 @@ def test_training_data_kinds_are_picked_by_the_dataset_name(tiny_images):
         load_training_data(TINY.replace(dataset="imagenet"), no_model)
     with pytest.raises(ValueError, match="unknown reflow parent"):
         load_training_data(TINY.replace(dataset="reflow:nope"), no_model)
+
+
+def test_fit_trains_in_memory_reproducibly_and_refuses_a_diverging_loss():
+    from diffbook.train import TrainingDiverged, fit
+    target = torch.tensor([[2.0, -1.0]])
+
+    def loss(net, generator):
+        x = torch.randn(64, 2, generator=generator)
+        return (net(x) - x @ target.T).pow(2).mean()
+
+    first = fit(lambda: torch.nn.Linear(2, 1), loss, 300, lr=0.05, seed=1)
+    second = fit(lambda: torch.nn.Linear(2, 1), loss, 300, lr=0.05, seed=1)
+    assert torch.equal(first.weight, second.weight)  # same seed, same weights, bit for bit
+    assert torch.allclose(first.weight, target, atol=1e-2) and not first.weight.requires_grad
+    with pytest.raises(TrainingDiverged, match="not finite .* at step 1"):
+        fit(lambda: torch.nn.Linear(2, 1), lambda net, generator: net.weight.sum() * float("nan"), 5)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        fit(lambda: torch.nn.Linear(2, 1), loss, 0)

@@ -39,6 +39,7 @@ _EXERCISE = re.compile(_FENCE + r"\{exercise\}\s*(?P<title>.*)$")
 _SOLUTION_START = re.compile(_FENCE + r"\{solution-start\}\s*(?P<label>\S+)\s*$")
 _SOLUTION_END = re.compile(_FENCE + r"\{solution-end\}\s*$")
 _OPTION = re.compile(r"^:(?P<key>[\w-]+):\s*(?P<value>.*)$")
+_TARGET = re.compile(r"^\([\w.:-]+\)=\s*$")  # a MyST label line: a link target for the book, noise in Jupyter
 
 STUDENT_SUFFIX, SOLUTIONS_SUFFIX = "_student", "_solutions"
 
@@ -138,6 +139,8 @@ def make_handout(chapter: str | Path) -> Handout:
                 if line.strip() != fence:
                     fail(f"the solution-end of {current.label} is not closed by {fence}")
                 state, shown = "text", None
+            if shown is not None and _TARGET.match(shown):
+                shown = None
             if shown is not None:
                 solution_lines.append(shown)
                 if keep_for_student:

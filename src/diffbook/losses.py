@@ -36,15 +36,31 @@ def denoising_score_matching_loss(score: Callable[[torch.Tensor, float], torch.T
     return (sigma * score(x0 + sigma * noise, sigma) + noise).pow(2).sum(dim=tuple(range(1, x0.ndim))).mean()
 
 
+TimeSampler = Callable[[int, torch.Generator], torch.Tensor]
+"""``sampler(n, generator)``: ``n`` training times in (0, 1), float64 on the CPU."""
+
+
+def uniform_times(n: int, generator: torch.Generator) -> torch.Tensor:
+    r""":math:`t \sim U(0, 1)`, flow matching's default (Lipman et al. 2023)."""
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def logit_normal_times(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    r""":math:`t = \operatorname{sigmoid}(m + s\,n)`, :math:`n\sim\mathcal N(0,1)`: more training times near the middle
+    of the path (Esser et al. 2024, eq. 19, used by Stable Diffusion 3)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, dtype=torch.float64))
+
+
 def flow_matching_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
                        y: torch.Tensor | None = None, *, path: NoisePath = LinearPath(),
-                       noise: torch.Tensor | None = None) -> torch.Tensor:
+                       noise: torch.Tensor | None = None, time_sampler: TimeSampler | None = None) -> torch.Tensor:
     r"""Conditional flow matching (Lipman et al. 2023):
     :math:`\mathbb{E}_{t\sim U(0,1),\,x_0,\,\varepsilon}\lVert v_\theta(x_t, t) - (\dot\alpha_t x_0 + \dot\sigma_t\varepsilon)\rVert^2`,
     averaged over pixels; on the linear path the target is :math:`\varepsilon - x_0`. The network sees time
     :math:`T t` (``schedule.T``), the scale DDPM networks see. ``noise`` pairs each ``x0`` with a given
-    endpoint instead of fresh Gaussian noise (reflow)."""
-    t = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+    endpoint instead of fresh Gaussian noise (reflow). ``time_sampler`` replaces :math:`t\sim U(0,1)` (e.g.
+    :func:`logit_normal_times`); the minimiser is unchanged wherever its density is positive, the weighting is not."""
+    t = (time_sampler or uniform_times)(x0.shape[0], generator)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator)
     noise = noise.to(x0.device)  # t stays a float64 CPU tensor: MPS has no float64; the path casts before moving

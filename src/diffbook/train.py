@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -261,6 +261,33 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         target = Path(out_dir) if out_dir is not None else directory
         manifest = release(ema, config, manifest, losses, target)
     return TrainedModel(ema, config, manifest, losses)
+
+
+def fit(build_net: Callable[[], nn.Module], loss: Callable[[nn.Module, torch.Generator], torch.Tensor], steps: int,
+        *, lr: float = 2e-3, seed: int = 0, grad_clip: float = 1.0, progress: bool = False) -> nn.Module:
+    """A short training run in memory, for exercises and toy experiments: ``build_net()`` (called after seeding, so
+    the initial weights are reproducible), Adam, the learning rate decaying linearly to 0, gradient clipping;
+    ``loss(net, generator)`` draws its own batch from ``generator`` (seeded by ``seed``). Returns the network in eval
+    mode without gradients; the same seed gives the same weights on the CPU. No checkpoints and no resume: anything
+    worth keeping is a :class:`TrainConfig` trained by :func:`train`."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    torch.manual_seed(seed)
+    net = build_net()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+    net.train()
+    for step in tqdm(range(steps), disable=not progress, desc="fit", leave=False):
+        value = loss(net, generator)
+        if not torch.isfinite(value):
+            raise TrainingDiverged(f"fit: the loss is not finite ({float(value)}) at step {step + 1}: lower lr")
+        optimizer.zero_grad()
+        value.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        decay.step()
+    return net.eval().requires_grad_(False)
 
 
 def load_or_train(config: TrainConfig, *, device: torch.device | None = None, progress: bool = True) -> TrainedModel:
