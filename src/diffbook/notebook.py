@@ -13,8 +13,18 @@ except ImportError:  # a student's Jupyter with only diffbook installed
     _myst_glue = None
 
 
+def _plain(value: Any) -> Any:
+    """NumPy scalars and 0-d tensors as Python numbers: myst-nb formats ``{glue:text}`x:.2f``` from the value's repr,
+    and ``np.float64(0.5)`` is not a number to it."""
+    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def glue(name: str, value: Any, display: bool = True) -> None:
-    """Store ``value`` under ``name`` for the prose (``{glue:text}`name```); without myst-nb, print it."""
+    """Store ``value`` under ``name`` for the prose (``{glue:text}`name```); without myst-nb, print it. NumPy and
+    torch scalars are stored as Python numbers, so that format specs apply to them."""
+    value = _plain(value)
     if _myst_glue is not None:
         _myst_glue(name, value, display=display)
     else:
