@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -74,6 +75,7 @@ def _anchors(path: Path) -> frozenset[str]:
 _WAIT_FOR_MATHJAX = """
 const done = arguments[arguments.length - 1];
 const started = Date.now();
+if (!document.querySelector('script[src*="mathjax"]')) { done('no MathJax script'); return; }
 (function poll() {
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
     MathJax.startup.promise.then(() => done('typeset'), (e) => done('error: ' + e));
@@ -94,6 +96,17 @@ return {
   raw_tex: math.filter(el => !el.querySelector('mjx-container') && /\\\\[(\\[]|\\$\\$/.test(text(el)))
                .map(el => text(el).slice(0, 80)),
   tex_errors: [...document.querySelectorAll('mjx-merror')].map(el => el.getAttribute('data-mjx-error') || text(el)),
+  raw_tex_in_text: (() => {  // TeX delimiters left in the reading text (outside code and typeset math)
+    const found = [];
+    const walker = document.createTreeWalker(document.querySelector('main') || document.body, NodeFilter.SHOW_TEXT, {
+      acceptNode: (node) => node.parentElement.closest('pre, code, script, style, mjx-container, .math')
+        ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT});
+    while (walker.nextNode()) {
+      const value = walker.currentNode.nodeValue;
+      if (/\\$[^$\\s][^$]*\\$|\\\\\\(|\\\\\\[/.test(value)) found.push(value.trim().slice(0, 80));
+    }
+    return found;
+  })(),
   broken_images: [...document.images].filter(img => !(img.complete && img.naturalWidth > 0))
                    .map(img => img.getAttribute('src')),
   error_outputs: [...document.querySelectorAll('.cell_output .output.traceback, .cell_output .output.error, ' +
@@ -118,10 +131,12 @@ def test_page_renders_for_a_reader(browser, page, request):
         problems.append(f"MathJax did not typeset the page's {seen['math_elements']} formulas ({mathjax})")
     if seen["math_elements"] and not seen["typeset"]:
         problems.append("no formula was typeset")
-    for label, key in (("raw TeX left", "raw_tex"), ("TeX errors", "tex_errors"), ("images not loaded",
+    for label, key in (("raw TeX left", "raw_tex"), ("raw TeX in the text", "raw_tex_in_text"),
+                       ("TeX errors", "tex_errors"), ("images not loaded",
                        "broken_images"), ("error output in cells", "error_outputs"), ("tracebacks", "tracebacks")):
         if seen[key]:
             problems.append(f"{label}: {seen[key][:3]}")
+    time.sleep(0.5)  # let late errors reach the log before it is read
     failed_requests = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     if failed_requests:
         problems.append(f"browser errors: {failed_requests[:3]}")

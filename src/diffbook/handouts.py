@@ -1,6 +1,6 @@
 """Notebooks to hand out: for every chapter, one for students and one with the solutions.
 
-    python -m diffbook.handouts chapters/*.md --out _build/notebooks      (what ``make notebooks`` runs)
+    python -m diffbook.handouts chapters/0[1-9]_*.md --out _build/notebooks      (what ``make notebooks`` runs)
 
 A chapter writes its exercises with ``sphinx-exercise`` in the gated form, so that a solution can hold code cells:
 
@@ -19,9 +19,10 @@ A chapter writes its exercises with ``sphinx-exercise`` in the gated form, so th
     ````
 
 ``<chapter>_solutions.ipynb`` holds every cell of the chapter (the same code cells, in the same order, as the book
-executes). ``<chapter>_student.ipynb`` drops everything between ``solution-start`` and ``solution-end`` and puts
-one cell that raises :class:`NotImplementedError` in its place. In both, the exercise and solution directives become
-plain Markdown headings, which Jupyter renders.
+executes, after one setup cell that makes ``glue`` print the numbers the prose refers to). ``<chapter>_student.ipynb``
+drops everything between ``solution-start`` and ``solution-end`` and puts one cell that raises
+:class:`NotImplementedError` in its place. In both, the exercise and solution directives become plain Markdown
+headings, which Jupyter renders, and MyST link targets are dropped.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ _EXERCISE = re.compile(_FENCE + r"\{exercise\}\s*(?P<title>.*)$")
 _SOLUTION_START = re.compile(_FENCE + r"\{solution-start\}\s*(?P<label>\S+)\s*$")
 _SOLUTION_END = re.compile(_FENCE + r"\{solution-end\}\s*$")
 _OPTION = re.compile(r"^:(?P<key>[\w-]+):\s*(?P<value>.*)$")
+_PLAIN_SOLUTION = re.compile(_FENCE + r"\{solution\}")
 _TARGET = re.compile(r"^\([\w.:-]+\)=\s*$")  # a MyST label line: a link target for the book, noise in Jupyter
 
 STUDENT_SUFFIX, SOLUTIONS_SUFFIX = "_student", "_solutions"
+# First code cell of every handout: the numbers the book's prose shows (glued) are printed instead.
+GLUE_SETUP = ('import os\n\nos.environ["DIFFBOOK_GLUE"] = "print"  # show the numbers the book glues into its prose')
 
 
 @dataclass
@@ -75,10 +79,13 @@ def _read(chapter: Path) -> nbformat.NotebookNode:
     return jupytext.read(chapter)
 
 
-def make_handout(chapter: str | Path) -> Handout:
-    """Split ``chapter`` (a MyST-Markdown notebook) into its student and solutions notebooks."""
+def make_handout(chapter: str | Path, first_number: int = 1) -> Handout:
+    """Split ``chapter`` (a MyST-Markdown notebook) into its student and solutions notebooks. Exercises are numbered
+    from ``first_number``: the book numbers them across all chapters, and the handouts follow it."""
     chapter = Path(chapter)
     source = _read(chapter)
+    if "kernelspec" not in source.metadata:
+        raise ValueError(f"{chapter}: not a notebook chapter (no kernelspec in its front matter)")
     exercises: dict[str, Exercise] = {}
     solved: set[str] = set()
     student, solutions = [], []
@@ -86,6 +93,12 @@ def make_handout(chapter: str | Path) -> Handout:
 
     def fail(message: str) -> None:
         raise ValueError(f"{chapter}: {message}")
+
+    def flush(lines: list[str], cells: list) -> None:
+        text = "\n".join(lines).strip("\n")
+        if text:
+            cells.append(nbformat.v4.new_markdown_cell(text))
+        lines.clear()
 
     for cell in source.cells:
         if cell.cell_type != "markdown":
@@ -104,7 +117,7 @@ def make_handout(chapter: str | Path) -> Handout:
             if state == "text" and (match := _EXERCISE.match(line)):
                 title = match["title"].strip()
                 state, fence, shown = "exercise-options", match["fence"], None
-                current = Exercise(label="", title=title, number=len(exercises) + 1)
+                current = Exercise(label="", title=title, number=first_number + len(exercises))
             elif state == "exercise-options" and (match := _OPTION.match(line)):
                 if match["key"] == "label":
                     current.label = match["value"].strip()
@@ -122,6 +135,11 @@ def make_handout(chapter: str | Path) -> Handout:
                 shown = None if state == "text" else line
             elif state == "exercise" and line.strip() == fence:
                 state, shown = "text", None
+            elif state == "text" and _PLAIN_SOLUTION.match(line):
+                fail("a {solution} directive cannot hold code cells: use the gated solution-start / solution-end form")
+            elif state in ("solution", "start-block") and (_EXERCISE.match(line) or _SOLUTION_START.match(line)):
+                fail(f"an exercise or solution starts inside the solution of {current.label}: close that solution's "
+                     f"solution-start and solution-end with the fence they opened with ({fence})")
             elif state == "text" and (match := _SOLUTION_START.match(line)):
                 if match["label"] not in exercises:
                     fail(f"a solution refers to {match['label']}, which is not the label of an exercise above it")
@@ -135,6 +153,9 @@ def make_handout(chapter: str | Path) -> Handout:
                 shown = None
             elif state == "solution" and (match := _SOLUTION_END.match(line)):
                 state, fence, shown = "end-block", match["fence"], None
+                if current.solution_cells == 0:  # a solution in prose only: the student still gets a stub
+                    flush(student_lines, student)
+                    student.append(_stub(current))
             elif state == "end-block":
                 if line.strip() != fence:
                     fail(f"the solution-end of {current.label} is not closed by {fence}")
@@ -145,10 +166,8 @@ def make_handout(chapter: str | Path) -> Handout:
                 solution_lines.append(shown)
                 if keep_for_student:
                     student_lines.append(shown)
-        for cells, lines in ((student, student_lines), (solutions, solution_lines)):
-            text = "\n".join(lines).strip("\n")
-            if text:
-                cells.append(nbformat.v4.new_markdown_cell(text))
+        flush(student_lines, student)
+        flush(solution_lines, solutions)
     if state != "text":
         fail(f"the chapter ends inside an exercise or solution ({current.label if current else '?'}): close it")
     unsolved = [label for label in exercises if label not in solved]
@@ -156,6 +175,8 @@ def make_handout(chapter: str | Path) -> Handout:
         fail(f"exercises without a solution: {', '.join(unsolved)}")
 
     def notebook(cells: list) -> nbformat.NotebookNode:
+        first_code = next((i for i, cell in enumerate(cells) if cell.cell_type == "code"), len(cells))
+        cells = cells[:first_code] + [nbformat.v4.new_code_cell(GLUE_SETUP)] + cells[first_code:]
         nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": dict(source.metadata["kernelspec"])})
         for index, cell in enumerate(nb.cells):
             cell["id"] = f"cell-{index}"
@@ -166,12 +187,14 @@ def make_handout(chapter: str | Path) -> Handout:
 
 
 def write_handouts(chapters: list[Path], out: Path) -> list[Path]:
-    """Write ``<stem>_student.ipynb`` and ``<stem>_solutions.ipynb`` for every chapter into ``out``. A file whose
-    content would not change is left alone, so that an incremental book build sees nothing new."""
+    """Write ``<stem>_student.ipynb`` and ``<stem>_solutions.ipynb`` for every chapter into ``out``, numbering the
+    exercises on from one chapter to the next as the book does (pass the chapters in the book's order). A file
+    whose content would not change is left alone, so that an incremental book build sees nothing new."""
     from .storage import atomic_write_text
-    written = []
+    written, number = [], 1
     for chapter in chapters:
-        handout = make_handout(chapter)
+        handout = make_handout(chapter, first_number=number)
+        number += len(handout.exercises)
         for suffix, nb in ((STUDENT_SUFFIX, handout.student), (SOLUTIONS_SUFFIX, handout.solutions)):
             path, text = out / f"{chapter.stem}{suffix}.ipynb", nbformat.writes(nb)
             if not (path.exists() and path.read_text() == text):

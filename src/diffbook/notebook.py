@@ -1,10 +1,12 @@
 """What chapters need from the notebook they run in, with or without the book's tools installed.
 
 :func:`glue` is myst-nb's ``glue`` when myst-nb is installed (the book build puts the value into the prose), and
-otherwise shows the value, so a chapter's notebook also runs in a plain Jupyter with only this package.
+otherwise prints the value, so a chapter's notebook also runs in a plain Jupyter with only this package. A handout
+notebook sets ``DIFFBOOK_GLUE=print`` in its first cell, so it prints the numbers even where myst-nb is installed.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 try:
@@ -25,7 +27,7 @@ def glue(name: str, value: Any, display: bool = True) -> None:
     """Store ``value`` under ``name`` for the prose (``{glue:text}`name```); without myst-nb, print it. NumPy and
     torch scalars are stored as Python numbers, so that format specs apply to them."""
     value = _plain(value)
-    if _myst_glue is not None:
+    if _myst_glue is not None and os.environ.get("DIFFBOOK_GLUE") != "print":
         _myst_glue(name, value, display=display)
     else:
         print(f"{name} = {value!r}")
