@@ -168,13 +168,15 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     schedule = config.build_schedule()
     step, wall_time, losses = 0, 0.0, []
 
-    if state_path.exists() and start_over:
-        try:
-            read_state(state_path, device)
-        except UnreadableState:
-            move_aside(state_path)
+    state = None
     if state_path.exists():
-        state = read_state(state_path, device)
+        try:
+            state = read_state(state_path, device)
+        except UnreadableState:
+            if not start_over:
+                raise
+            move_aside(state_path)
+    if state is not None:
         if state["config"] != config.to_dict():
             raise RuntimeError(f"{state_path} belongs to another config; delete it to start over")
         net.load_state_dict(state["net"])
