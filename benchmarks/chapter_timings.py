@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def time_chapter(chapter: Path, top: int) -> dict:
             "slowest": sorted(timings, key=lambda t: -t["seconds"])[:top]}
 
 
+def cpu_model() -> str:
+    """The machine's processor, as the checkpoint manifests name it (without this process's thread count)."""
+    return describe_hardware(pick_device()).rsplit(",", 1)[0]
+
+
 def cached_times(chapters: list[Path], cache_path: Path) -> list[dict]:
     """The execution times a book build stored with each chapter's cached outputs (chapters not cached: left out)."""
     from jupyter_cache import get_cache
@@ -53,6 +59,7 @@ def cached_times(chapters: list[Path], cache_path: Path) -> list[dict]:
         try:
             record = cache.match_cache_notebook(read_chapter(chapter))
         except KeyError:
+            print(f"{chapter.name}: not in {cache_path} (not built, or changed since): left out", file=sys.stderr)
             continue
         found.append({"chapter": chapter.stem, "seconds": round(record.data["execution_seconds"], 1)})
     return found
@@ -66,17 +73,20 @@ def main() -> None:
     parser.add_argument("--from-cache", type=Path, default=None, help="read a book build's jupyter-cache instead")
     parser.add_argument("--profile", default=None, help="the profile that cache was built in (with --from-cache)")
     args = parser.parse_args()
-    report = {"profile": args.profile or os.environ.get("DIFFBOOK_PROFILE", "default"),
-              "hardware": f"{describe_hardware(pick_device())}, {os.cpu_count()} logical CPUs",
-              "how": ("make book: two chapters at a time, one torch thread each" if args.from_cache
-                      else f"one chapter at a time, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"),
-              "load_average_before": os.getloadavg()[0], "chapters": []}
+    if args.from_cache and not args.profile:
+        parser.error("--from-cache needs --profile (the profile that cache was built in)")
+    profile = args.profile or os.environ.get("DIFFBOOK_PROFILE", "default")
+    report = {"profile": profile, "hardware": f"{cpu_model()}, {os.cpu_count()} logical CPUs", "chapters": []}
     if args.from_cache:
+        report["how"] = (f"`make {'test' if profile == 'smoke' else 'book'}`: two chapters at a time, the CPU threads "
+                         "split between them")
         report["chapters"] = cached_times(args.chapters, args.from_cache)
         if args.out:
             atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         return
+    report["how"] = f"one chapter at a time, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    report["load_average_before"] = os.getloadavg()[0]
     for chapter in args.chapters:
         report["chapters"].append(time_chapter(chapter, args.top))
         print(json.dumps(report["chapters"][-1]), flush=True)
