@@ -16,11 +16,13 @@ from typing import Any
 from torch import nn
 
 from .losses import OBJECTIVES
-from .nets import ClassifierConfig, MLPConfig, UNetConfig, build_net
+from .nets import ClassifierConfig, MLPConfig, NoisyClassifierConfig, UNetConfig, build_net
 from .schedules import NoiseSchedule
 
 # Fields that do not change the trained weights, and so do not change a run's identity.
 _NOT_IDENTITY = ("checkpoint_every",)
+# Fields added after checkpoints shipped: at their default they leave the identity (and so every checkpoint) as it was.
+_ADDED_LATER = {"label_drop": 0.0}
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class TrainConfig:
     """Everything that determines a trained network. Two equal configs give identical weights on CPU.
 
     ``dataset`` names the training data (see :mod:`diffbook.training_data`): an image dataset, a 2-D toy set,
-    ``<image dataset>_w`` or ``reflow:<config name>``.
+    ``<image dataset>_w`` or ``reflow:<config name>``. ``label_drop`` is the probability that a training label is
+    replaced by "no class" (the network's label ``num_classes``): one network learns the conditional and the
+    unconditional model, as classifier-free guidance needs (Ho & Salimans 2022).
     """
 
     name: str
@@ -49,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     train_subset: int | None = None
     class_conditional: bool = False
+    label_drop: float = 0.0
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
@@ -59,6 +64,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_drop < 1:
+            raise ValueError(f"label_drop must lie in [0, 1), got {self.label_drop}")
+        if self.label_drop and not (self.class_conditional and self.net_config.get("num_classes")):
+            raise ValueError("label_drop needs class labels and a network with a 'no class' label: set "
+                             "class_conditional=True and net_config num_classes (e.g. UNetConfig(num_classes=10))")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -72,7 +82,8 @@ class TrainConfig:
 
     def identity(self) -> str:
         """A short hash of the fields that determine the weights."""
-        values = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        values = {k: v for k, v in self.to_dict().items()
+                  if k not in _NOT_IDENTITY and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def build_net(self) -> nn.Module:
@@ -142,5 +153,23 @@ MNIST_CLASSIFIER = TrainConfig(name="mnist_classifier", dataset="mnist", net="cl
 MNIST_CLASSIFIER_SMOKE = MNIST_CLASSIFIER.replace(
     name="mnist_classifier_smoke", steps=30, batch_size=64, train_subset=2048, warmup_steps=5, checkpoint_every=10,
     net_config=ClassifierConfig(channels=(8, 16), features=32).to_dict())
+
+# Chapter 8 (guidance): the DDPM U-Net with a class embedding, labels dropped 10% of the time (one network is both
+# the conditional and the unconditional model); and a classifier of noisy digits for classifier guidance.
+MNIST_CFG, MNIST_CFG_SMOKE, MNIST_CFG_FULL = (
+    base.replace(name=name, class_conditional=True, label_drop=0.1,
+                 net_config={**base.net_config, "num_classes": 10})
+    for base, name in zip(_MNIST_UNET_PROFILES, ("mnist_cfg", "mnist_cfg_smoke", "mnist_cfg_full")))
+
+MNIST_NOISY_CLASSIFIER = TrainConfig(name="mnist_noisy_classifier", dataset="mnist", net="noisy_classifier",
+                                     net_config=NoisyClassifierConfig().to_dict(), objective="noisy_classification",
+                                     class_conditional=True, schedule="linear", T=1000, steps=3000, batch_size=128,
+                                     lr=1e-3, warmup_steps=100, ema_decay=0.999, precision="fp32",
+                                     checkpoint_every=500)
+MNIST_NOISY_CLASSIFIER_SMOKE = MNIST_NOISY_CLASSIFIER.replace(
+    name="mnist_noisy_classifier_smoke", steps=30, batch_size=64, train_subset=2048, warmup_steps=5,
+    checkpoint_every=10, net_config=NoisyClassifierConfig(channels=(8, 16), features=32, time_dim=16).to_dict())
+MNIST_NOISY_CLASSIFIER_FULL = MNIST_NOISY_CLASSIFIER.replace(name="mnist_noisy_classifier_full", steps=20_000,
+                                                             lr=3e-4, checkpoint_every=2000)
 
 CONFIGS: dict[str, TrainConfig] = {c.name: c for c in list(globals().values()) if isinstance(c, TrainConfig)}

@@ -87,5 +87,18 @@ def classification_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedul
     return nn.functional.cross_entropy(net(x0).float(), y)
 
 
+def noisy_classification_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                              y: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Cross-entropy of a classifier of noisy images, :math:`\mathbb{E}_{k\sim U\{1..T\},\,\varepsilon}
+    [-\log p_\phi(y \mid \sqrt{\bar\alpha_k}x_0 + \sqrt{1-\bar\alpha_k}\varepsilon, k)]`: the noise-conditioned
+    classifier of classifier guidance (Dhariwal & Nichol 2021, who draw the step uniformly, as here)."""
+    if y is None:
+        raise ValueError("the noisy_classification objective needs labels: set class_conditional=True in the config")
+    k = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return nn.functional.cross_entropy(net(schedule.q_sample(x0, k, noise), k.float().to(x0.device)).float(), y)
+
+
 OBJECTIVES: dict[str, Objective] = {"ddpm_eps": ddpm_eps_loss, "flow_matching": flow_matching_loss,
-                                    "reflow": reflow_loss, "classification": classification_loss}
+                                    "reflow": reflow_loss, "classification": classification_loss,
+                                    "noisy_classification": noisy_classification_loss}

@@ -315,15 +315,69 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+@dataclass(frozen=True)
+class NoisyClassifierConfig:
+    """Shape of a :class:`NoisyClassifier`: the :class:`Classifier`'s two conv blocks, each shifted by a time embedding."""
+
+    image_size: int = 28
+    in_channels: int = 1
+    channels: tuple[int, int] = (32, 64)
+    features: int = 128
+    num_classes: int = 10
+    time_dim: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NoisyClassifierConfig":
+        return cls(**{**values, "channels": tuple(values.get("channels", cls.channels))})
+
+
+class NoisyClassifier(nn.Module):
+    r"""A classifier of noisy images :math:`p_\phi(c \mid x_t, t)`, as classifier guidance needs (Dhariwal & Nichol
+    2021, who train it on :math:`x_t` at uniformly drawn steps). ``t`` is the network time (DDPM's step index), like
+    :class:`UNet`'s; the time embedding is added to every conv block's output before its activation."""
+
+    def __init__(self, config: NoisyClassifierConfig = NoisyClassifierConfig()):
+        super().__init__()
+        self.config = config
+        c1, c2 = config.channels
+        widths = [(config.in_channels, c1), (c1, c1), (c1, c2), (c2, c2)]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in widths)
+        self.norms = nn.ModuleList(nn.GroupNorm(_groups(b), b) for _, b in widths)
+        self.time = nn.ModuleList(nn.Linear(config.time_dim, b) for _, b in widths)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * (config.image_size // 4) ** 2, config.features),
+                                  nn.SiLU(), nn.Linear(config.features, config.num_classes))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits of the noisy images ``x`` at network time ``t``; ``y`` is accepted and ignored."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"expected images of shape (batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                             f"got {tuple(x.shape)}")
+        t, _ = checked_inputs(self, x, t, None, None)
+        emb = F.silu(timestep_embedding(t, cfg.time_dim))
+        h = x
+        for i, (conv, norm, time) in enumerate(zip(self.convs, self.norms, self.time)):
+            h = F.silu(norm(conv(h)) + time(emb)[:, :, None, None])
+            if i % 2 == 1:
+                h = F.max_pool2d(h, 2)
+        return self.head(h)
+
+
 def build_net(kind: str, config: dict) -> nn.Module:
-    """Construct a network from its name (``"unet"``, ``"mlp"`` or ``"classifier"``) and a config dict."""
+    """Construct a network from its name (``"unet"``, ``"mlp"``, ``"classifier"`` or ``"noisy_classifier"``) and a
+    config dict."""
     if kind == "unet":
         return UNet(UNetConfig.from_dict(config))
     if kind == "mlp":
         return TimeMLP(MLPConfig(**config))
     if kind == "classifier":
         return Classifier(ClassifierConfig.from_dict(config))
-    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp' or 'classifier'")
+    if kind == "noisy_classifier":
+        return NoisyClassifier(NoisyClassifierConfig.from_dict(config))
+    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp', 'classifier' or 'noisy_classifier'")
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -134,6 +134,59 @@ class GaussianMixture:
         return (torch.softmax(log_terms, dim=1)[..., None] * solved).sum(1)
 
 
+@dataclass(frozen=True)
+class LabelledMixture:
+    r"""A mixture whose components carry class labels (``labels`` (K,), integers): the joint law of :math:`(x_0, c)`.
+    Every conditional :math:`p(x_0\mid c)` is again a mixture, and so is its noised version, which gives the exact
+    conditional scores and the exact classifier of noisy data :math:`p_t(c\mid x)` (chapter 8)."""
+
+    mixture: GaussianMixture
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.labels.shape != self.mixture.weights.shape or self.labels.dtype != torch.long:
+            raise ValueError(f"labels must be integer class labels, one per component ({len(self.mixture.weights)}), "
+                             f"got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(set(self.labels.tolist()))
+
+    def class_prior(self, c: int) -> float:
+        return self.mixture.weights[self.labels == c].sum().item()
+
+    def conditional(self, c: int) -> GaussianMixture:
+        r""":math:`p(x_0\mid c)`: the components of class ``c``, their weights renormalised."""
+        keep = self.labels == c
+        if not bool(keep.any()):
+            raise ValueError(f"no component has label {c}; the labels are {self.classes}")
+        weights = self.mixture.weights[keep]
+        return GaussianMixture(weights / weights.sum(), self.mixture.means[keep], self.mixture.covs[keep])
+
+    def class_log_prob(self, x: torch.Tensor, c: int, signal: float, noise: float) -> torch.Tensor:
+        r""":math:`\log p(c\mid x)` for :math:`x = a x_0 + s\varepsilon` (``signal`` a, ``noise`` s): the log of the summed
+        responsibilities of class ``c``'s components in the noised mixture. Differentiable in ``x``; shape (n,)."""
+        log_terms = self.mixture.noised(signal, noise)._component_terms(x)[0]
+        return torch.logsumexp(log_terms[:, self.labels == c], dim=1) - torch.logsumexp(log_terms, dim=1)
+
+
+def exact_class_log_likelihood(labelled: LabelledMixture, c: int, path: NoisePath):
+    r""":math:`\log p_t(c\mid x_t = x)` on ``path``, exact: the perfect classifier of noisy data, as a
+    :data:`diffbook.guidance.LogLikelihood` ``(x, t) -> (batch,)`` (one time per call, or one per sample)."""
+    def log_likelihood(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        values = t.unique()
+        out = torch.empty(x.shape[0], dtype=torch.float64)
+        parts = []
+        for value in values:
+            rows = t == value
+            alpha, sigma = path.alpha(value).item(), path.sigma(value).item()
+            parts.append((rows, labelled.class_log_prob(x[rows], c, alpha, sigma)))
+        if len(parts) == 1:
+            return parts[0][1]
+        return out.index_put((torch.cat([r.nonzero()[:, 0] for r, _ in parts]),), torch.cat([v for _, v in parts]))
+    return log_likelihood
+
+
 def ring_mixture(radius: float = 4.0, std: float = 0.4) -> GaussianMixture:
     """The book's standard 2-D example: eight well-separated components on a circle, unequal weights."""
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)

@@ -225,7 +225,11 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                     started = time.perf_counter()
                     idx = _batch_indices(step, config.batch_size, len(images), config.seed)
                     x0 = images[idx].to(device)
-                    y = labels[idx].to(device) if labels is not None else None
+                    y = labels[idx] if labels is not None else None
+                    if config.label_drop:  # "no class" for a random share of the batch, drawn on the CPU
+                        dropped = torch.rand(len(idx), generator=generator) < config.label_drop
+                        y = torch.where(dropped, config.net_config["num_classes"], y)
+                    y = y.to(device) if y is not None else None
                     for group in optimizer.param_groups:
                         group["lr"] = _lr_at(config, step)
                     with autocast(device, amp_dtype):
