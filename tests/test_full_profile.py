@@ -28,7 +28,8 @@ def _two_steps(config):
 
 def test_every_network_has_a_full_config():
     bases = {name for name in CONFIGS if not name.endswith(("_full", "_smoke"))}
-    # The classifier is a metric's feature network, not a generative model: it has no paper-scale variant.
+    # The classifier is a metric's feature network, not a generative model: it has no paper-scale variant. (The
+    # noisy classifier of classifier guidance has one: it guides the full profile's larger networks.)
     assert {name.removesuffix("_full") for name in FULL} == bases - {"mnist_classifier"}
 
 
@@ -42,6 +43,10 @@ def test_full_config_trains_two_steps_and_samples_on_cpu(name, isolated_cache, t
     assert model.manifest["steps"] == 2 and (train_module.run_dir(config) / f"{config.name}.pt").exists()
     shape = (2, 2) if config.net == "mlp" else (2, 1, 28, 28)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if config.objective == "noisy_classification":  # a classifier of noisy images (chapter 8): logits, not samples
+        logits = model.net(noise, torch.tensor([10.0, 900.0]))
+        assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+        return
     predictor = predictor_from_trained(model)
     with torch.no_grad():
         ode = sample_heun(predictor, noise, time_grid(2))

@@ -182,3 +182,40 @@ def test_guidance_accepts_two_builds_of_one_schedules_path():
     a, b = Predictor(net, "eps", schedule.path()), Predictor(net, "eps", schedule.path())
     x = torch.randn(3, 2, dtype=torch.float64)
     torch.testing.assert_close(guided(a, b, 2.0)(x, 0.5, "eps"), x * 0.1)
+
+
+def test_forward_jump_keeps_the_marginals():
+    """x_t ~ q(x_t | x0) jumped to t' must be distributed as q(x_t' | x0) = N(alpha' x0, sigma'^2)."""
+    from diffbook.inpainting import forward_jump
+    n, x0 = 200_000, 0.7
+    gen = torch.Generator().manual_seed(6)
+    t, t_next = 0.3, 0.6
+    alpha = lambda s: PATH.alpha(torch.tensor(s, dtype=torch.float64)).item()
+    sigma = lambda s: PATH.sigma(torch.tensor(s, dtype=torch.float64)).item()
+    x_t = alpha(t) * x0 + sigma(t) * torch.randn(n, generator=gen, dtype=torch.float64)
+    jumped = forward_jump(PATH, x_t, t, t_next, gen)
+    mean_se, var_se = sigma(t_next) / n**0.5, sigma(t_next) ** 2 * (2 / n) ** 0.5
+    assert abs(jumped.mean().item() - alpha(t_next) * x0) < 4 * mean_se
+    assert abs(jumped.var().item() - sigma(t_next) ** 2) < 4 * var_se
+    with pytest.raises(ValueError, match="later"):
+        forward_jump(PATH, x_t, 0.6, 0.3, gen)
+
+
+def test_label_drop_replaces_the_requested_share_of_labels(isolated_cache, tiny_images, monkeypatch):
+    """The training loop hands the objective 'no class' (label 10) for about label_drop of the labels."""
+    import diffbook.train as train_module
+    from diffbook.configs import MNIST_CFG_SMOKE
+    from diffbook.losses import OBJECTIVES
+    seen = []
+    original = OBJECTIVES["ddpm_eps"]
+
+    def recording(net, x0, schedule, generator, y=None):
+        seen.append(y.clone())
+        return original(net, x0, schedule, generator, y)
+
+    monkeypatch.setitem(OBJECTIVES, "ddpm_eps", recording)
+    config = MNIST_CFG_SMOKE.replace(steps=40, batch_size=50, label_drop=0.3, checkpoint_every=40, train_subset=64)
+    train_module.train(config, device=torch.device("cpu"), progress=False)
+    labels = torch.cat(seen)
+    share = (labels == 10).double().mean().item()
+    assert abs(share - 0.3) < 4 * (0.3 * 0.7 / len(labels)) ** 0.5 and labels.max() <= 10

@@ -54,16 +54,19 @@ def guided(conditional: Predictor, unconditional: Predictor, w: float) -> Predic
 
     Every kind of prediction is an affine function of :math:`\hat\varepsilon` at fixed :math:`(x, t)` with weights
     that sum to one here, so the same combination holds for :math:`\hat x_0`, the score, :math:`v` and the velocity:
-    the result is one predictor, queried as any kind. Both parts must live on the same path."""
+    the result is one predictor (of the conditional model's kind), queried as any kind. Both parts must live on the
+    same path."""
     _same_path(conditional, unconditional)
     if not isinstance(w, (int, float)) or w != w:
         raise ValueError(f"the guidance scale w must be a number (0: the conditional model), got {w!r}")
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_c = conditional(x, t, "eps")
-        return eps_c if w == 0 else eps_c + w * (eps_c - unconditional(x, t, "eps"))
+    kind = conditional.kind  # combined in the conditional model's own kind: no conversion, no division by alpha
 
-    return Predictor(fn, "eps", conditional.path)
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = conditional(x, t, kind)
+        return c if w == 0 else c + w * (c - unconditional(x, t, kind))
+
+    return Predictor(fn, kind, conditional.path)
 
 
 def _input_gradient(log_likelihood: LogLikelihood, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

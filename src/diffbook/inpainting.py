@@ -75,7 +75,10 @@ def replacing(sampler: Sampler, known: torch.Tensor, mask: torch.Tensor) -> Samp
 def repaint_schedule(n_steps: int, jump_length: int, resamples: int) -> list[int]:
     """RePaint's walk over the indices ``0..n_steps`` of a time grid (0 = the start, pure noise): down one index per
     reverse step; at every multiple of ``jump_length`` below ``n_steps`` it jumps back up ``jump_length`` indices
-    ``resamples - 1`` times (Lugmayr et al. 2022, Algorithm 1; ``resamples = 1`` is plain replacement)."""
+    ``resamples - 1`` times, so that each stretch of ``jump_length`` steps is denoised ``resamples`` times (Lugmayr et
+    al. 2022, Algorithm 1, their ``jump_n_sample``; ``resamples = 1`` is plain replacement). The jumps sit at the same
+    distances from the *start* as here; RePaint's own scheduler counts them from the end (its last jump comes just
+    before the clean image, ours ``jump_length`` steps into the chain), with the same number of evaluations."""
     if n_steps < 1 or jump_length < 1 or resamples < 1:
         raise ValueError(f"need n_steps, jump_length, resamples >= 1; got {n_steps}, {jump_length}, {resamples}")
     left = {j: resamples - 1 for j in range(jump_length, n_steps, jump_length)}
@@ -116,10 +119,20 @@ def sample_repaint(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, ge
                                  callback=relay, clip_x0=clip_x0)
             x = _impose(model, x, known, mask, s, generator)
         else:  # forward: from time t up to time s > t
-            (alpha_t, sigma_t), (alpha_s, sigma_s) = _alpha_sigma(model, t), _alpha_sigma(model, s)
-            ratio = alpha_s / alpha_t
-            x = ratio * x + math.sqrt(max(0.0, sigma_s**2 - ratio**2 * sigma_t**2)) * _noise(x, generator)
+            x = forward_jump(model.path, x, t, s, generator)
     return x
+
+
+def forward_jump(path, x: torch.Tensor, t_from: float, t_to: float, generator: torch.Generator | None) -> torch.Tensor:
+    r"""A draw of :math:`q(x_{t'}\mid x_t)` for :math:`t' > t` on a Gaussian path:
+    :math:`\tfrac{\alpha_{t'}}{\alpha_t}x_t + \sqrt{\sigma_{t'}^2 - (\alpha_{t'}/\alpha_t)^2\sigma_t^2}\,z`, the forward
+    process between two times, which keeps the marginals :math:`q(x_{t'}\mid x_0)` (RePaint's jump back)."""
+    if not t_to > t_from:
+        raise ValueError(f"a forward jump goes to a later (noisier) time, got {t_from} -> {t_to}")
+    a_from, s_from = path.alpha(as_time(t_from)).item(), path.sigma(as_time(t_from)).item()
+    a_to, s_to = path.alpha(as_time(t_to)).item(), path.sigma(as_time(t_to)).item()
+    ratio = a_to / a_from
+    return ratio * x + math.sqrt(max(0.0, s_to**2 - ratio**2 * s_from**2)) * _noise(x, generator)
 
 
 def projected(model: Predictor, known: torch.Tensor, mask: torch.Tensor) -> Predictor:
