@@ -83,3 +83,24 @@ def test_a_failing_chapter_is_left_for_the_build_to_report(tmp_path, capsys):
     from jupyter_cache import get_cache
     with pytest.raises(KeyError):
         get_cache(cache).match_cache_notebook(read_chapter(broken))
+
+
+def test_longest_measured_chapter_runs_first(tmp_path, monkeypatch):
+    import json as json_module
+
+    import diffbook.book_cache as book_cache
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "chapter_times_default.json").write_text(json_module.dumps(
+        {"chapters": [{"chapter": "01_a", "seconds": 10.0}, {"chapter": "02_b", "seconds": 900.0},
+                      {"chapter": "03_c", "seconds": 60.0}]}))
+    chapters = []
+    for name, size in (("01_a", 500), ("02_b", 10), ("03_c", 50), ("04_new", 5), ("05_new", 40)):
+        path = tmp_path / f"{name}.md"
+        path.write_text("x" * size)
+        chapters.append(path)
+    monkeypatch.setattr(book_cache, "REPO_ROOT", tmp_path)
+    order = [path.stem for path in book_cache.longest_first(chapters, "default")]
+    assert order == ["05_new", "04_new", "02_b", "03_c", "01_a"]
+    (results / "chapter_times_default.json").write_text("not json")  # unreadable: file sizes decide
+    assert [path.stem for path in book_cache.longest_first(chapters, "default")][0] == "01_a"

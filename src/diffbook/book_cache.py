@@ -229,10 +229,24 @@ def execute_missing(chapters: list[Path], cache_path: Path, jobs: int,
         times[chapter.name] = round(result.time, 1)
         print(f"{chapter.name}: executed in {result.time:.0f} s", file=sys.stderr, flush=True)
 
-    # Longest chapters first (file size as the proxy) so that the workers finish close together.
+    # Longest chapters first, so that the workers finish close together (Graham's LPT rule).
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(run, sorted(missing, key=lambda path: -path.stat().st_size)))
+        list(pool.map(run, longest_first(missing, current_profile())))
     return times, failed
+
+
+def longest_first(chapters: list[Path], profile: str) -> list[Path]:
+    """``chapters`` ordered by their measured execution time in ``profile``, longest first
+    (``benchmarks/results/chapter_times_<profile>.json``, the preface's time table). A chapter not measured yet goes
+    first, the largest file first: it is new, and may be long."""
+    report = REPO_ROOT / "benchmarks" / "results" / f"chapter_times_{profile}.json"
+    measured: dict[str, float] = {}
+    if report.exists():
+        try:
+            measured = {row["chapter"]: float(row["seconds"]) for row in json.loads(report.read_text())["chapters"]}
+        except (ValueError, KeyError, TypeError):
+            measured = {}  # an unreadable report only loses the ordering
+    return sorted(chapters, key=lambda path: (path.stem in measured, -measured.get(path.stem, path.stat().st_size)))
 
 
 def main(argv: list[str] | None = None) -> None:
