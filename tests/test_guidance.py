@@ -219,3 +219,19 @@ def test_label_drop_replaces_the_requested_share_of_labels(isolated_cache, tiny_
     labels = torch.cat(seen)
     share = (labels == 10).double().mean().item()
     assert abs(share - 0.3) < 4 * (0.3 * 0.7 / len(labels)) ** 0.5 and labels.max() <= 10
+
+
+def test_replacement_with_the_ancestral_sampler_adds_its_noise_at_every_step():
+    """Run one step at a time, the ancestral chain must equal the whole chain (same noise draws, in the same order)."""
+    known, mask = _square_mask()
+    model = _image_model()
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grid = time_grid(6, 0.999)
+    whole = sample_ancestral(model, x, grid, generator=torch.Generator().manual_seed(8))
+    stepwise = x
+    gen = torch.Generator().manual_seed(8)
+    for i in range(len(grid) - 1):
+        stepwise = sample_ancestral(model, stepwise, grid[i:i + 2], generator=gen, partial=True)
+    torch.testing.assert_close(stepwise, whole)
+    out = replacing(sample_ancestral, known, mask)(model, x, grid, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(out[:, mask.bool()], known[mask.bool()].expand(3, -1).double())

@@ -15,6 +15,7 @@ r"""Inpainting with an unconditional model: fill the pixels where ``mask == 0`` 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -56,16 +57,19 @@ def replacing(sampler: Sampler, known: torch.Tensor, mask: torch.Tensor) -> Samp
     draw of the observation noised to the new time :math:`s` (exactly :math:`y` at :math:`s = 0`). The returned
     function has the common signature. A multistep sampler (DPM-Solver++(2M)) restarts its history at each interval,
     i.e. runs its first-order step; Euler–Maruyama and predictor–corrector add no noise on the last step of a call,
-    so here on none: use them whole, or use :func:`~diffbook.samplers.sample_ancestral` or DDIM."""
+    so here on none: use them whole, or use :func:`~diffbook.samplers.sample_ancestral` (told ``partial=True``) or
+    DDIM."""
     def sample(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, generator: torch.Generator | None = None,
                callback: Callback | None = None, **knobs) -> torch.Tensor:
         _check_mask(known, mask, x)
         grid = torch.tensor(_check_times(times), dtype=torch.float64)
+        # a sampler that ends a chain without noise (the ancestral one) must know that each call is one step of many
+        partial = {"partial": True} if "partial" in inspect.signature(sampler).parameters else {}
         x = _impose(model, x, known, mask, grid[0].item(), generator)
         for i in range(len(grid) - 1):
             relay = None if callback is None else (lambda step, i=i: callback(Step(i, step.t, step.t_next, step.x,
                                                                                step.x0_hat)))
-            x = sampler(model, x, grid[i:i + 2], generator=generator, callback=relay, **knobs)
+            x = sampler(model, x, grid[i:i + 2], generator=generator, callback=relay, **knobs, **partial)
             x = _impose(model, x, known, mask, grid[i + 1].item(), generator)
         return x
 
@@ -116,7 +120,7 @@ def sample_repaint(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, ge
         if b > a:  # reverse: one ancestral step, then the known pixels at the new time
             relay = None if callback is None else (lambda step: callback(Step(index, t, s, step.x, step.x0_hat)))
             x = sample_ancestral(model, x, torch.tensor([t, s], dtype=torch.float64), generator=generator,
-                                 callback=relay, clip_x0=clip_x0)
+                                 callback=relay, clip_x0=clip_x0, partial=True)
             x = _impose(model, x, known, mask, s, generator)
         else:  # forward: from time t up to time s > t
             x = forward_jump(model.path, x, t, s, generator)

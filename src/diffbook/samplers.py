@@ -159,7 +159,7 @@ def _x0_from(model: Predictor, x: torch.Tensor, t: float, prediction: torch.Tens
 @torch.no_grad()
 def sample_ancestral(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, generator: torch.Generator | None = None,
                      callback: Callback | None = None, variance: str = "beta", clip_x0: bool = False,
-                     progress: bool = False) -> torch.Tensor:
+                     partial: bool = False, progress: bool = False) -> torch.Tensor:
     r"""Ancestral sampling (Ho et al. 2020, Algorithm 2) between any two times :math:`t > s` of a Gaussian path:
     with :math:`\alpha_{t|s} = \alpha_t/\alpha_s` and :math:`\sigma_{t|s}^2 = \sigma_t^2 - \alpha_{t|s}^2\sigma_s^2`,
 
@@ -168,7 +168,8 @@ def sample_ancestral(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, 
 
     the mean of :math:`q(x_s \mid x_t, \hat x_0)`, with :math:`\varsigma^2 = \sigma_{t|s}^2` (``variance="beta"``, DDPM's
     :math:`\beta_t` on its own schedule) or the posterior's :math:`\sigma_{t|s}^2\sigma_s^2/\sigma_t^2` (``"posterior"``,
-    :math:`\tilde\beta_t`), and no noise on a step to :math:`s = 0`. On :meth:`NoiseSchedule.path` at :func:`step_times` this is
+    :math:`\tilde\beta_t`), and no noise on the last step. ``partial=True`` says that ``times`` is only part of a longer
+    chain (inpainting runs one step at a time): its last step then adds noise too, unless it ends at :math:`t = 0`. On :meth:`NoiseSchedule.path` at :func:`step_times` this is
     exactly DDPM's chain (respaced when ``steps < T``). ``clip_x0`` clamps :math:`\hat x_0` to the data range [-1, 1]."""
     if variance not in ("beta", "posterior"):
         raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
@@ -184,7 +185,7 @@ def sample_ancestral(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, 
         alpha_ts = alpha_t / alpha_s
         var_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
         x_next = (alpha_ts * sigma_s**2 / sigma_t**2) * x + (alpha_s * var_ts / sigma_t**2) * x0
-        if s > 0:  # a step to clean data adds no noise (DDPM's last step returns the mean)
+        if i < len(grid) - 2 or (partial and s > 0):  # the chain's last step returns the mean (DDPM)
             std = math.sqrt(var_ts if variance == "beta" else var_ts * sigma_s**2 / sigma_t**2)
             x_next = x_next + std * _noise(x, generator)
         x = x_next
