@@ -80,3 +80,14 @@ def test_binomial_sem_is_the_proportions_standard_error_floored_at_one_over_n():
     assert binomial_sem(0.999, 10) == 0.1  # sqrt(0.000999 / 10) = 0.01 < 1/n
     with pytest.raises(ValueError, match="n must be >= 1"):
         binomial_sem(0.5, 0)
+
+
+def test_assert_exceeds_resolves_or_only_checks_the_sign():
+    from diffbook.checks import assert_exceeds
+    assert_exceeds(5.0, sem=1.0)  # 5 SE: resolved
+    with pytest.raises(AssertionError, match="not resolved"):
+        assert_exceeds(3.0, sem=1.0)  # 3 SE: positive, not resolved
+    assert_exceeds(3.0, sem=1.0, resolve=False)  # the quick profile: only not refuted
+    assert_exceeds(-3.0, sem=1.0, resolve=False)
+    with pytest.raises(AssertionError):
+        assert_exceeds(-5.0, sem=1.0, resolve=False)  # refuted

@@ -59,6 +59,19 @@ def assert_above(value: float, bound: float, *, sem: float, z: float = Z_CHECK, 
                              f"({sem:.3g})")
 
 
+def assert_exceeds(difference: float, *, sem: float, resolve: bool = True, z: float = Z_CHECK,
+                   what: str = "difference") -> None:
+    """Assert a positive ``difference`` (A − B, with standard error ``sem``): *resolved*, ``difference > z·sem``, when
+    ``resolve``; else only not refuted (``difference > −z·sem``). A chapter resolves at the sample sizes its text
+    quotes and passes ``resolve=False`` for the quick profile's few samples, where the same claim is checked in sign."""
+    if resolve:
+        if not difference > z * sem:
+            raise AssertionError(f"{what}: {difference:.6g} is not resolved: it does not exceed {z:g} standard errors "
+                                 f"({sem:.3g})")
+    else:
+        assert_above(difference, 0.0, sem=sem, z=z, what=what)
+
+
 def binomial_sem(p: float, n: int) -> float:
     """Standard error of a proportion estimated from n trials, √(p(1−p)/n), floored at 1/n for p ∈ {0, 1}."""
     if n < 1:
