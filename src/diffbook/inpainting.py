@@ -21,9 +21,8 @@ from typing import Callable
 
 import torch
 
-from .paths import as_time
 from .predictors import Predictor
-from .samplers import Callback, Step, _check_times, _noise, sample_ancestral
+from .samplers import Callback, Step, _check_times, _coefficients, _noise, sample_ancestral
 
 Sampler = Callable[..., torch.Tensor]
 """A sampler of the common signature ``sampler(model, x, times, *, generator=None, callback=None, **knobs)``."""
@@ -38,15 +37,10 @@ def _check_mask(known: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> Non
         raise ValueError("mask must hold only 0 (pixel to fill) and 1 (known pixel)")
 
 
-def _alpha_sigma(model: Predictor, t: float) -> tuple[float, float]:
-    time = as_time(t)
-    return model.path.alpha(time).item(), model.path.sigma(time).item()
-
-
 def _impose(model: Predictor, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, t: float,
             generator: torch.Generator | None) -> torch.Tensor:
     """Known pixels of ``x`` replaced by a fresh draw of :math:`q(x_t\\mid y) = N(\\alpha_t y, \\sigma_t^2 I)`."""
-    alpha, sigma = _alpha_sigma(model, t)
+    alpha, sigma = _coefficients(model.path, t)
     noised = alpha * known + (sigma * _noise(x, generator) if sigma > 0 else 0)
     return mask * noised + (1 - mask) * x
 
@@ -133,8 +127,7 @@ def forward_jump(path, x: torch.Tensor, t_from: float, t_to: float, generator: t
     process between two times, which keeps the marginals :math:`q(x_{t'}\mid x_0)` (RePaint's jump back)."""
     if not t_to > t_from:
         raise ValueError(f"a forward jump goes to a later (noisier) time, got {t_from} -> {t_to}")
-    a_from, s_from = path.alpha(as_time(t_from)).item(), path.sigma(as_time(t_from)).item()
-    a_to, s_to = path.alpha(as_time(t_to)).item(), path.sigma(as_time(t_to)).item()
+    (a_from, s_from), (a_to, s_to) = _coefficients(path, t_from), _coefficients(path, t_to)
     ratio = a_to / a_from
     return ratio * x + math.sqrt(max(0.0, s_to**2 - ratio**2 * s_from**2)) * _noise(x, generator)
 

@@ -169,8 +169,8 @@ def sample_ancestral(model: Predictor, x: torch.Tensor, times: torch.Tensor, *, 
     the mean of :math:`q(x_s \mid x_t, \hat x_0)`, with :math:`\varsigma^2 = \sigma_{t|s}^2` (``variance="beta"``, DDPM's
     :math:`\beta_t` on its own schedule) or the posterior's :math:`\sigma_{t|s}^2\sigma_s^2/\sigma_t^2` (``"posterior"``,
     :math:`\tilde\beta_t`), and no noise on the last step. ``partial=True`` says that ``times`` is only part of a longer
-    chain (inpainting runs one step at a time): its last step then adds noise too, unless it ends at :math:`t = 0`. On :meth:`NoiseSchedule.path` at :func:`step_times` this is
-    exactly DDPM's chain (respaced when ``steps < T``). ``clip_x0`` clamps :math:`\hat x_0` to the data range [-1, 1]."""
+    chain (inpainting runs one step at a time): its last step then adds noise too, unless it ends at :math:`t = 0`.
+    On :meth:`NoiseSchedule.path` at :func:`step_times` this is exactly DDPM's chain (respaced when ``steps < T``). ``clip_x0`` clamps :math:`\hat x_0` to the data range [-1, 1]."""
     if variance not in ("beta", "posterior"):
         raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
     grid = _check_times(times)
