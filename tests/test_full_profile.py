@@ -15,7 +15,8 @@ from diffbook.configs import CONFIGS
 from diffbook.device import autocast_dtype
 from diffbook.predictors import predictor_from_trained
 from diffbook.losses import OBJECTIVES
-from diffbook.samplers import SAMPLERS, sample_ancestral, sample_heun, time_grid
+from diffbook.flowmaps import flow_map_from_trained
+from diffbook.samplers import SAMPLERS, sample_ancestral, sample_flow_map, sample_heun, time_grid
 
 FULL = sorted(name for name in CONFIGS if name.endswith("_full"))
 CPU = torch.device("cpu")
@@ -41,11 +42,15 @@ def test_full_config_trains_two_steps_and_samples_on_cpu(name, isolated_cache, t
     config = _two_steps(CONFIGS[name])
     model = train_module.train(config, device=CPU, progress=False)
     assert model.manifest["steps"] == 2 and (train_module.run_dir(config) / f"{config.name}.pt").exists()
-    shape = (2, 2) if config.net == "mlp" else (2, 1, 28, 28)
+    shape = (2, 2) if config.net in ("mlp", "flow_map_mlp") else (2, 1, 28, 28)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if config.objective == "noisy_classification":  # a classifier of noisy images (chapter 8): logits, not samples
         logits = model.net(noise, torch.tensor([10.0, 900.0]))
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+        return
+    if config.objective in ("semigroup", "meanflow"):  # a two-time flow map (chapter 9): jumps, not a Predictor
+        jumped = sample_flow_map(flow_map_from_trained(model), noise, time_grid(2))
+        assert jumped.shape == noise.shape and torch.isfinite(jumped).all()
         return
     predictor = predictor_from_trained(model)
     with torch.no_grad():
@@ -92,7 +97,7 @@ def test_every_sampler_keeps_float64_off_the_device(name):
     config = CONFIGS[name]
     model = TrainedModel(net=config.build_net().to(META).eval(), config=config, manifest={}, loss_history=[])
     predictor = predictor_from_trained(model)
-    shape = (2, 2) if config.net == "mlp" else (2, 1, 28, 28)
+    shape = (2, 2) if config.net in ("mlp", "flow_map_mlp") else (2, 1, 28, 28)
     x = torch.randn(shape).to(META)
     for sampler_name, sampler in SAMPLERS.items():
         watch = _Float64OffTheCpu()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from .schedules import NoiseSchedule
 # Fields that do not change the trained weights, and so do not change a run's identity.
 _NOT_IDENTITY = ("checkpoint_every",)
 # Fields added after checkpoints shipped: at their default they leave the identity (and so every checkpoint) as it was.
-_ADDED_LATER = {"label_drop": 0.0}
+_ADDED_LATER = {"label_drop": 0.0, "init_from": None, "objective_options": {}}
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class TrainConfig:
     ``dataset`` names the training data (see :mod:`diffbook.training_data`): an image dataset, a 2-D toy set,
     ``<image dataset>_w`` or ``reflow:<config name>``. ``label_drop`` is the probability that a training label is
     replaced by "no class" (the network's label ``num_classes``): one network learns the conditional and the
-    unconditional model, as classifier-free guidance needs (Ho & Salimans 2022).
+    unconditional model, as classifier-free guidance needs (Ho & Salimans 2022). ``init_from`` names a config whose
+    trained network (same architecture) is the starting point and, for an objective that takes one, the ``teacher``
+    (distillation); ``objective_options`` are the objective's keyword arguments (e.g. ``student_steps``).
     """
 
     name: str
@@ -54,6 +57,8 @@ class TrainConfig:
     train_subset: int | None = None
     class_conditional: bool = False
     label_drop: float = 0.0
+    init_from: str | None = None
+    objective_options: dict = field(default_factory=dict)
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
@@ -66,6 +71,14 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_drop < 1:
             raise ValueError(f"label_drop must lie in [0, 1), got {self.label_drop}")
+        options = inspect.signature(OBJECTIVES[self.objective]).parameters
+        unknown = sorted(set(self.objective_options) - set(options) - {"teacher", "progress"})
+        if unknown or {"teacher", "progress"} & set(self.objective_options):
+            settable = [p for p in options if p not in ("net", "x0", "schedule", "generator", "y", "teacher", "progress")]
+            raise ValueError(f"objective {self.objective!r} has no option {', '.join(unknown) or 'teacher/progress'}: "
+                             f"its options are {', '.join(settable) or 'none'}")
+        if "teacher" in options and options["teacher"].default is inspect.Parameter.empty and self.init_from is None:
+            raise ValueError(f"objective {self.objective!r} distils a teacher: set init_from to the teacher's config name")
         if self.label_drop and not (self.class_conditional and self.net_config.get("num_classes")):
             raise ValueError("label_drop needs class labels and a network with a 'no class' label: set "
                              "class_conditional=True and net_config num_classes (e.g. UNetConfig(num_classes=10))")
@@ -172,4 +185,52 @@ MNIST_NOISY_CLASSIFIER_SMOKE = MNIST_NOISY_CLASSIFIER.replace(
 MNIST_NOISY_CLASSIFIER_FULL = MNIST_NOISY_CLASSIFIER.replace(name="mnist_noisy_classifier_full", steps=20_000,
                                                              lr=3e-4, checkpoint_every=2000)
 
+# Chapter 9 (few-step generators): students of chapter 4's flow-matching network, which is also their starting point.
+# ECT tunes it into a consistency model; progressive distillation halves the steps of its Euler (= DDIM) sampler on
+# evenly spaced times, 16 -> 8 -> 4 -> 2 -> 1, each student the next one's teacher.
+_FM_PROFILES = (MNIST_FM, MNIST_FM_SMOKE, MNIST_FM_FULL)
+MNIST_ECT, MNIST_ECT_SMOKE, MNIST_ECT_FULL = (
+    base.replace(name=name, objective="ect", init_from=base.name, steps=steps, lr=lr, warmup_steps=warmup,
+                 ema_decay=ema, checkpoint_every=every)
+    for base, name, steps, lr, warmup, ema, every in zip(
+        _FM_PROFILES, ("mnist_ect", "mnist_ect_smoke", "mnist_ect_full"), (2000, 20, 50_000), (1e-4, 1e-4, 1e-4),
+        (50, 5, 1000), (0.999, 0.99, 0.9999), (250, 10, 2000)))
+
+
+def _distillation_chain(base: TrainConfig, suffix: str, steps: int, **changes: Any) -> list[TrainConfig]:
+    """Progressive-distillation students of ``base``: ``mnist_pd<N><suffix>`` for N = 8, 4, 2, 1 steps, each starting
+    from (and taught by) the one before, the first by ``base`` sampled with 16 steps (its student has 8)."""
+    chain, parent = [], base.name
+    for student_steps in (8, 4, 2, 1):
+        chain.append(base.replace(name=f"mnist_pd{student_steps}{suffix}", objective="progressive_distillation",
+                                  init_from=parent, objective_options={"student_steps": student_steps}, steps=steps,
+                                  **changes))
+        parent = chain[-1].name
+    return chain
+
+
+MNIST_PD = _distillation_chain(MNIST_FM, "", 450, lr=1e-4, warmup_steps=20, ema_decay=0.995,
+                               checkpoint_every=100)
+MNIST_PD_SMOKE = _distillation_chain(MNIST_FM_SMOKE, "_smoke", 10, lr=1e-4, warmup_steps=2, ema_decay=0.9,
+                                     checkpoint_every=5)
+MNIST_PD_FULL = _distillation_chain(MNIST_FM_FULL, "_full", 20_000, lr=5e-5, warmup_steps=500,
+                                    ema_decay=0.9995, checkpoint_every=2000)
+
+# On the 2-D ring: ECT from ring_fm (its sigma_data is the ring's per-coordinate spread, about 2.9, and the times are
+# shifted by log(2.9 / 0.5) as EDM's would be for that spread), and two flow maps trained from scratch on a two-time MLP.
+_RING_PROFILES = (RING_FM, RING_FM_SMOKE, RING_FM_FULL)
+_RING_ECT_OPTIONS = {"sigma_data": 2.9, "log_rho_mean": 0.66}
+RING_ECT, RING_ECT_SMOKE, RING_ECT_FULL = (
+    base.replace(name=f"ring_ect{suffix}", objective="ect", init_from=base.name, steps=steps, lr=1e-4,
+                 objective_options=_RING_ECT_OPTIONS)
+    for base, suffix, steps in zip(_RING_PROFILES, ("", "_smoke", "_full"), (6000, 100, 40_000)))
+RING_SEMIGROUP, RING_SEMIGROUP_SMOKE, RING_SEMIGROUP_FULL = (
+    base.replace(name=f"ring_semigroup{suffix}", net="flow_map_mlp", objective="semigroup", steps=steps)
+    for base, suffix, steps in zip(_RING_PROFILES, ("", "_smoke", "_full"), (10_000, 100, 40_000)))
+RING_MEANFLOW, RING_MEANFLOW_SMOKE, RING_MEANFLOW_FULL = (
+    base.replace(name=f"ring_meanflow{suffix}", net="flow_map_mlp", objective="meanflow", steps=steps,
+                 objective_options={"flow_matching_share": 0.25, "adaptive_power": 1.0})
+    for base, suffix, steps in zip(_RING_PROFILES, ("", "_smoke", "_full"), (20_000, 100, 80_000)))
+
 CONFIGS: dict[str, TrainConfig] = {c.name: c for c in list(globals().values()) if isinstance(c, TrainConfig)}
+CONFIGS.update({c.name: c for c in MNIST_PD + MNIST_PD_SMOKE + MNIST_PD_FULL})

@@ -267,6 +267,30 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, timestep_embedding(t, self.config.time_dim)], dim=1))
 
 
+class FlowMapMLP(nn.Module):
+    r"""A two-time MLP for flow maps (chapter 9): ``net(x, t, s)`` is an average velocity :math:`\bar u(x, t, s)` from
+    time ``t`` to time ``s``, computed from ``concat(x, embed(t), embed(t - s))`` (the jump's length as the second
+    time input, as MeanFlow does), with SiLU activations."""
+
+    def __init__(self, config: MLPConfig = MLPConfig()):
+        super().__init__()
+        self.config = config
+        widths = [config.dim + 2 * config.time_dim] + [config.hidden] * config.layers
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+        layers.append(nn.Linear(widths[-1], config.dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.config.dim:
+            raise ValueError(f"expected x of shape (batch, {self.config.dim}), got {tuple(x.shape)}")
+        t, _ = checked_inputs(self, x, t, None, None)
+        s, _ = checked_inputs(self, x, s, None, None)
+        embed = self.config.time_dim
+        return self.net(torch.cat([x, timestep_embedding(t, embed), timestep_embedding(t - s, embed)], dim=1))
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
     """Shape of a :class:`Classifier`: two conv blocks, then a ``features``-wide penultimate layer."""
@@ -367,17 +391,20 @@ class NoisyClassifier(nn.Module):
 
 
 def build_net(kind: str, config: dict) -> nn.Module:
-    """Construct a network from its name (``"unet"``, ``"mlp"``, ``"classifier"`` or ``"noisy_classifier"``) and a
-    config dict."""
+    """Construct a network from its name (``"unet"``, ``"mlp"``, ``"flow_map_mlp"``, ``"classifier"`` or
+    ``"noisy_classifier"``) and a config dict."""
     if kind == "unet":
         return UNet(UNetConfig.from_dict(config))
     if kind == "mlp":
         return TimeMLP(MLPConfig(**config))
+    if kind == "flow_map_mlp":
+        return FlowMapMLP(MLPConfig(**config))
     if kind == "classifier":
         return Classifier(ClassifierConfig.from_dict(config))
     if kind == "noisy_classifier":
         return NoisyClassifier(NoisyClassifierConfig.from_dict(config))
-    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp', 'classifier' or 'noisy_classifier'")
+    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp', 'flow_map_mlp', 'classifier' or "
+                     "'noisy_classifier'")
 
 
 def count_parameters(net: nn.Module) -> int:

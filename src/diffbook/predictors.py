@@ -159,7 +159,8 @@ def change_path(predictor: Predictor, path: NoisePath) -> Predictor:
     return Predictor(fn, "eps", path)
 
 
-_OBJECTIVE_KIND = {"ddpm_eps": "eps", "flow_matching": "velocity", "reflow": "velocity"}
+_OBJECTIVE_KIND = {"ddpm_eps": "eps", "flow_matching": "velocity", "reflow": "velocity", "ect": "velocity",
+                   "consistency_distillation": "velocity", "progressive_distillation": "velocity"}
 
 
 def predictor_from_trained(model, y: torch.Tensor | None = None) -> Predictor:
@@ -169,7 +170,9 @@ def predictor_from_trained(model, y: torch.Tensor | None = None) -> Predictor:
     :math:`k = 1..T` of its schedule, is the ε-model on that schedule's :class:`~diffbook.paths.DiscretePath`: at
     :math:`t = k/T` it is evaluated at step :math:`k` and noise level :math:`\bar\alpha_k`, exactly as in training
     (between steps, at the fractional step :math:`Tt` and the interpolated level, which it was never trained on).
-    Flow-matching networks are velocity models on the linear path. ``y`` fixes class labels, if any.
+    Flow-matching networks are velocity models on the linear path, and so are chapter 9's students: an ECT network
+    read as ``x0`` is its consistency function :math:`x - tF`, a progressive-distillation student is a velocity whose
+    Euler step on its own grid is its learned jump. ``y`` fixes class labels, if any.
     """
     objective = model.config.objective
     if objective not in _OBJECTIVE_KIND:

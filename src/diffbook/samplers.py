@@ -23,7 +23,12 @@ sampler                     method                                              
 :func:`sample_euler_maruyama` the reverse-time SDE (Anderson 1982), Euler–Maruyama                               1
 :func:`sample_predictor_corrector` Langevin corrector, then reverse-SDE step (after Song et al. 2021)        1 + corrector
 :func:`sample_annealed_langevin` annealed Langevin dynamics (Song & Ermon 2019)                               steps/level
+:func:`sample_flow_map`     a learned flow map's jumps :math:`x \leftarrow \Psi_{t_i\to t_{i+1}}(x)` (chapter 9)         1
+:func:`sample_consistency`  multistep consistency sampling: :math:`\hat x_0`, then fresh noise (Song et al. 2023, Alg. 1)  1
 =========================== ======================================================== ============
+
+A flow map (:class:`~diffbook.flowmaps.FlowMap`) is the one model that is not a :class:`Predictor`: it maps a state
+from one time to another, so :func:`sample_flow_map` takes it in the ``model`` slot of the same signature.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .flowmaps import FlowMap
 from .paths import NoisePath, as_time
 from .predictors import Predictor, convert
 
@@ -341,6 +347,45 @@ def sample_edm_stochastic(model: Predictor, x: torch.Tensor, times: torch.Tensor
     return x
 
 
+@torch.no_grad()
+def sample_flow_map(model: FlowMap, x: torch.Tensor, times: torch.Tensor, *, generator: torch.Generator | None = None,
+                    callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    r"""Jump along a flow map: :math:`x_{i+1} = \Psi_{t_i\to t_{i+1}}(x_i)`, one evaluation per step; with the exact map
+    every grid gives the same endpoint (the semigroup property). Deterministic. The callback's :math:`\hat x_0` is where
+    the step's straight line, continued, meets :math:`t = 0`: :math:`x_i - t_i\,\bar u(x_i, t_i, t_{i+1})` (the endpoint
+    itself on a step that ends at 0)."""
+    if not isinstance(model, FlowMap):
+        raise TypeError(f"sample_flow_map needs a diffbook.flowmaps.FlowMap, got {type(model).__name__}; a Predictor's "
+                        "one Euler step is euler_flow_map(predictor)")
+    grid = _check_times(times, either_way=True)
+    for i in _steps(grid, "flow map", progress):
+        t, s = grid[i], grid[i + 1]
+        velocity = model.average_velocity(x, t, s)
+        if callback is not None:
+            callback(Step(i, t, s, x, x - t * velocity))
+        x = x + (s - t) * velocity
+    return x
+
+
+@torch.no_grad()
+def sample_consistency(model: Predictor, x: torch.Tensor, times: torch.Tensor, *,
+                       generator: torch.Generator | None = None, callback: Callback | None = None,
+                       progress: bool = False) -> torch.Tensor:
+    r"""Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each time :math:`t_i` take the model's
+    :math:`\hat x_0 = f(x, t_i)` (for a consistency model, its consistency function :math:`\Psi_{t_i\to 0}`), then
+    re-noise it to the next time with fresh noise, :math:`x = \alpha_{t_{i+1}}\hat x_0 + \sigma_{t_{i+1}} z`; the last
+    step, to :math:`t = 0`, returns :math:`\hat x_0`. One evaluation per step; one step is one-step generation."""
+    grid = _check_times(times)
+    for i in _steps(grid, "consistency", progress):
+        t, s = grid[i], grid[i + 1]
+        x0 = model(x, t, "x0")
+        if callback is not None:
+            callback(Step(i, t, s, x, x0))
+        alpha_s, sigma_s = _coefficients(model.path, s)
+        x = alpha_s * x0 + sigma_s * _noise(x, generator) if sigma_s > 0 else alpha_s * x0
+    return x
+
+
 def _langevin_step(x: torch.Tensor, score: torch.Tensor, generator: torch.Generator | None, snr: float
                    ) -> torch.Tensor:
     """One Langevin corrector step with the ``score`` at ``x``, its size set by the target signal-to-noise ratio ``snr``
@@ -417,8 +462,10 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ancestral": sample_ancestral, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
     "dpm++2m": sample_dpm_solver_pp_2m, "edm": sample_edm_stochastic, "euler-maruyama": sample_euler_maruyama,
     "predictor-corrector": sample_predictor_corrector, "annealed-langevin": sample_annealed_langevin,
+    "consistency": sample_consistency,
 }
-"""Every sampler by name; ``functools.partial`` fixes a knob (``functools.partial(sample_ddim, eta=1.0)``)."""
+"""Every sampler of a :class:`Predictor` by name; ``functools.partial`` fixes a knob (``functools.partial(sample_ddim,
+eta=1.0)``). :func:`sample_flow_map`, whose model is a flow map, is the one sampler outside it."""
 
 FAST_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim, "ddim, eta=1": functools.partial(sample_ddim, eta=1.0),

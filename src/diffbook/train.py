@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import os
 import signal
@@ -30,7 +32,8 @@ from tqdm import tqdm
 from .checkpoints import TrainedModel, build_manifest, find_checkpoint, load_checkpoint, release, run_dir
 from .configs import CONFIGS, TrainConfig
 from .device import autocast, autocast_dtype, pick_device
-from .losses import OBJECTIVES
+from .losses import OBJECTIVES, Objective
+from .predictors import predictor_from_trained
 from .storage import atomic_torch_save
 from .training_data import load_training_data
 
@@ -60,6 +63,26 @@ def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         p_ema.lerp_(p, 1 - decay)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
+
+
+def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device) -> Objective:
+    """Load ``config.init_from``'s trained weights into ``net`` (when set) and return the objective with its options
+    bound, and the teacher's :class:`~diffbook.predictors.Predictor` where the objective takes one."""
+    objective = functools.partial(OBJECTIVES[config.objective], **config.objective_options)
+    if config.init_from is None:
+        return objective
+    if config.init_from not in CONFIGS:
+        raise ValueError(f"{config.name}: init_from names no config: {config.init_from!r} (see diffbook.configs)")
+    parent = CONFIGS[config.init_from]
+    if (parent.net, parent.net_config) != (config.net, config.net_config):
+        raise ValueError(f"{config.name} starts from {parent.name}, whose network differs ({parent.net} "
+                         f"{parent.net_config}): a student must have its teacher's architecture")
+    teacher = load_or_train(parent, device=device)
+    net.load_state_dict(teacher.net.state_dict())
+    if "teacher" in inspect.signature(OBJECTIVES[config.objective]).parameters:
+        teacher.net.eval().requires_grad_(False)
+        objective = functools.partial(objective, teacher=predictor_from_trained(teacher))
+    return objective
 
 
 class Interrupted(KeyboardInterrupt):
@@ -162,6 +185,8 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
 
     torch.manual_seed(config.seed)
     net = config.build_net().to(device)
+    objective = _starting_point(config, net, device)
+    takes_progress = "progress" in inspect.signature(OBJECTIVES[config.objective]).parameters
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -232,8 +257,9 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                     y = y.to(device) if y is not None else None
                     for group in optimizer.param_groups:
                         group["lr"] = _lr_at(config, step)
+                    extra = {"progress": step / config.steps} if takes_progress else {}
                     with autocast(device, amp_dtype):
-                        loss = OBJECTIVES[config.objective](net, x0, schedule, generator, y)
+                        loss = objective(net, x0, schedule, generator, y, **extra)
                     loss_value = loss.item()
                     if not torch.isfinite(loss.detach()):
                         raise diverged("the loss", loss_value)
@@ -273,11 +299,13 @@ def fit(build_net: Callable[[], nn.Module], loss: Callable[[nn.Module, torch.Gen
         *, lr: float = 2e-3, seed: int = 0, grad_clip: float = 1.0, progress: bool = False) -> nn.Module:
     """A short training run in memory, for exercises and toy experiments: ``build_net()`` (called after seeding, so
     the initial weights are reproducible), Adam, the learning rate decaying linearly to 0, gradient clipping;
-    ``loss(net, generator)`` draws its own batch from ``generator`` (seeded by ``seed``). Returns the network in eval
-    mode without gradients; the same seed gives the same weights on the CPU. No checkpoints and no resume: anything
-    worth keeping is a :class:`TrainConfig` trained by :func:`train`."""
+    ``loss(net, generator)`` draws its own batch from ``generator`` (seeded by ``seed``); a ``loss(net, generator,
+    progress)`` of three arguments also gets the share of training done, in [0, 1) (a curriculum, as ECT's). Returns
+    the network in eval mode without gradients; the same seed gives the same weights on the CPU. No checkpoints and
+    no resume: anything worth keeping is a :class:`TrainConfig` trained by :func:`train`."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    with_progress = len(inspect.signature(loss).parameters) == 3
     torch.manual_seed(seed)
     net = build_net()
     generator = torch.Generator().manual_seed(seed)
@@ -285,7 +313,7 @@ def fit(build_net: Callable[[], nn.Module], loss: Callable[[nn.Module, torch.Gen
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
     net.train()
     for step in tqdm(range(steps), disable=not progress, desc="fit", leave=False):
-        value = loss(net, generator)
+        value = loss(net, generator, step / steps) if with_progress else loss(net, generator)
         if not torch.isfinite(value):
             raise TrainingDiverged(f"fit: the loss is not finite ({float(value)}) at step {step + 1}: lower lr")
         optimizer.zero_grad()
