@@ -181,3 +181,17 @@ def test_a_student_starts_from_its_teacher_and_learns(isolated_cache, tiny_image
     with pytest.raises(ValueError, match="architecture"):
         train(CONFIGS["mnist_pd8_smoke"].replace(name="odd", net_config={**CONFIGS["mnist_pd8_smoke"].net_config,
                                                                         "base_channels": 16}), progress=False)
+
+
+@pytest.mark.parametrize("name, tolerance", [("ring_semigroup", 0.25), ("ring_meanflow", 0.25)])
+def test_the_shipped_ring_maps_are_semigroups_within_a_stated_tolerance(name, tolerance):
+    # one jump 1 -> 0 against two (1 -> 1/2 -> 0) and four, mean distance over 1000 noise points; the ring's radius is 4
+    from diffbook.checkpoints import find_checkpoint, load_checkpoint
+    from diffbook.flowmaps import flow_map_from_trained
+    path = find_checkpoint(CONFIGS[name])
+    assert path is not None, f"{name} ships with the book (checkpoints/{name}.pt)"
+    flow_map, x = flow_map_from_trained(load_checkpoint(path, torch.device("cpu"))), _points(1000, seed=11)
+    one = sample_flow_map(flow_map, x, time_grid(1))
+    for jumps in (2, 4):
+        defect = (sample_flow_map(flow_map, x, time_grid(jumps)) - one).norm(dim=1).mean().item()
+        assert defect < tolerance, f"{name}: one jump and {jumps} differ by {defect:.3f} on average"

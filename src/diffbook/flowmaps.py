@@ -64,7 +64,8 @@ class FlowMap:
 
 def flow_map_from_trained(model) -> FlowMap:
     """A trained two-time network (objective ``semigroup`` or ``meanflow``, a :class:`~diffbook.checkpoints.TrainedModel`)
-    as the :class:`FlowMap` it was trained to be: on the linear path, seeing both times scaled by ``T``."""
+    as the :class:`FlowMap` it was trained to be: on the linear path, seeing both times scaled by ``T``. Works for
+    :class:`~diffbook.nets.FlowMapMLP` and :class:`~diffbook.nets.FlowMapUNet` alike."""
     if model.config.objective not in ("semigroup", "meanflow"):
         raise ValueError(f"{model.config.name} is not a flow map (objective {model.config.objective!r}); a one-time "
                          "network is a Predictor: diffbook.predictors.predictor_from_trained")
@@ -94,7 +95,7 @@ def gaussian_flow_map(mean: torch.Tensor | float, var: float, path: NoisePath = 
         return (path.alpha(t) ** 2 * var + path.sigma(t) ** 2).sqrt()
 
     def fn(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        xd = x.double()
+        xd = x.double().cpu()  # float64 on the CPU (MPS has none); the result returns to x's device and dtype
         a_t, a_s = broadcast(path.alpha(t), xd), broadcast(path.alpha(s), xd)
         m_t = m(t)
         d_m = (path.alpha(t) * path.d_alpha(t) * var + path.sigma(t) * path.d_sigma(t)) / m_t
@@ -102,7 +103,7 @@ def gaussian_flow_map(mean: torch.Tensor | float, var: float, path: NoisePath = 
         same = (s == t).reshape(-1, *[1] * (xd.ndim - 1))
         step = torch.where(s == t, torch.ones_like(s - t), s - t)
         target = a_s * mean + broadcast(m(s) / m_t, xd) * (xd - a_t * mean)
-        return torch.where(same, velocity, (target - xd) / broadcast(step, xd))
+        return torch.where(same, velocity, (target - xd) / broadcast(step, xd)).to(x.device, x.dtype)
 
     return FlowMap(fn, path)
 
@@ -120,15 +121,15 @@ def ode_flow_map(model: Predictor, rtol: float = 1e-9, atol: float = 1e-9) -> Fl
             return model(x, t0, "velocity")
         shape = x.shape
 
-        def rhs(time: float, flat: np.ndarray) -> np.ndarray:
-            state = torch.from_numpy(flat).reshape(shape)
-            return model(state, time, "velocity").reshape(-1).double().numpy()
+        def rhs(time: float, flat: np.ndarray) -> np.ndarray:  # the state in x's dtype on x's device
+            state = torch.from_numpy(flat).reshape(shape).to(x.device, x.dtype)
+            return model(state, time, "velocity").reshape(-1).double().cpu().numpy()
 
         solution = scipy.integrate.solve_ivp(rhs, (t0, s0), x.double().reshape(-1).cpu().numpy(), method="DOP853",
                                              rtol=rtol, atol=atol)
         if not solution.success:
             raise RuntimeError(f"the ODE solve from t={t0} to s={s0} failed: {solution.message}")
         end = torch.from_numpy(solution.y[:, -1]).reshape(shape)
-        return ((end - x.double().cpu()) / (s0 - t0)).to(x.device)
+        return ((end - x.double().cpu()) / (s0 - t0)).to(x.device, x.dtype)
 
     return FlowMap(fn, model.path)

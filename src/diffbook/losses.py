@@ -126,8 +126,12 @@ def _consistency_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule,
     with torch.no_grad():
         # consistency training: x_r on the same noise; distillation: one Euler step of the teacher's ODE from x_t
         x_r = path.sample(x0, noise, r) if teacher is None else x_t + gap * teacher(x_t, t, "velocity").to(x_t.dtype)
-        f_r = x_r - _linear_times(r, x_r).to(x0.device) * net(x_r, (scale * r).float().to(x0.device), y).float()
-        f_r = torch.where(_linear_times(r, x_r).to(x0.device) > 0, f_r, x0)
+    # the same dropout mask in both evaluations (ECT's "shared dropout"): replay the RNG state for the second one
+    devices = [x0.device] if x0.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad():
+            f_r = x_r - _linear_times(r, x_r).to(x0.device) * net(x_r, (scale * r).float().to(x0.device), y).float()
+            f_r = torch.where(_linear_times(r, x_r).to(x0.device) > 0, f_r, x_r)  # f(x, 0) = x
     f_t = x_t - _linear_times(t, x_t).to(x0.device) * net(x_t, (scale * t).float().to(x0.device), y).float()
     distance = ((f_t - f_r).flatten(1).pow(2).mean(1) + 1e-12).sqrt()
     weight = (1 / rho_t**2 + 1 / sigma_data**2).float().to(x0.device)
@@ -146,7 +150,8 @@ def ect_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generato
     .. math:: \mathcal L = \Big(\tfrac{1}{\rho_t^2} + \tfrac{1}{\sigma_\text{data}^2}\Big)\,
               \big\lVert f_\theta(x_t, t) - \operatorname{sg} f_\theta(x_r, r)\big\rVert_2,
 
-    with :math:`f(x_r, 0) = x_0`. The stage :math:`j` runs from 0 to ``stages - 1`` over training (``progress``), so the
+    with :math:`f(x_r, 0) = x_r = x_0`. The weight is the official code's ``snrpk`` weighting (its EDM2 setting; its
+    CIFAR-10 setting weights by :math:`1/(t - r)` instead); q = 2 as in its CIFAR-10 runs. The stage :math:`j` runs from 0 to ``stages - 1`` over training (``progress``), so the
     gap :math:`t - r` shrinks from "denoise to the data" towards the consistency condition between neighbours. The
     norm is the root mean square over pixels (ECT's L2 norm divided by :math:`\sqrt d`), averaged over the batch."""
     return _consistency_loss(net, x0, schedule, generator, y, None, progress, stages, q, k, b, log_rho_mean,
@@ -189,6 +194,11 @@ def progressive_distillation_loss(net: nn.Module, x0: torch.Tensor, schedule: No
     return (net(x_t, (schedule.T * t).float().to(x0.device), y).float() - target).pow(2).mean()
 
 
+def _no_labels(y: torch.Tensor | None, objective: str) -> None:
+    if y is not None:
+        raise ValueError(f"the {objective} objective trains an unconditional flow map: set class_conditional=False")
+
+
 def _two_times(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, s) with t >= s, both uniform on (0, 1) before sorting: a start and an end of a jump towards the data."""
     a, b = torch.rand(n, generator=generator, dtype=torch.float64), torch.rand(n, generator=generator, dtype=torch.float64)
@@ -206,7 +216,10 @@ def meanflow_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, gen
     :math:`s = t` (plain flow matching; 0.75 in the official ImageNet config). With a ``teacher``, its velocity (the
     marginal one) replaces the conditional velocity: MeanFlow distillation, whose loss the exact map makes zero.
     ``adaptive_power`` :math:`p > 0` divides each sample's squared error :math:`e` by
-    :math:`\operatorname{sg}(e + 10^{-2})^p` (their adaptive loss weighting; :math:`p = 1` in the paper)."""
+    :math:`\operatorname{sg}(e + 10^{-2})^p` (their adaptive loss weighting, :math:`p = 1` in the paper, there with
+    :math:`10^{-3}` on the summed rather than the mean squared error). Times are uniform here, where the paper draws
+    them logit-normal."""
+    _no_labels(y, "meanflow")
     n = x0.shape[0]
     t, s = _two_times(n, generator)
     s = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < flow_matching_share, t, s)
@@ -218,14 +231,14 @@ def meanflow_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, gen
     else:
         with torch.no_grad():
             velocity = teacher(x_t, t, "velocity").float()
-    scale = float(schedule.T)
-    t_in, s_in = t.float().to(x0.device), s.float().to(x0.device)
+    scale = float(schedule.T)  # the network sees T t: d/dt = T d/d(T t), so the time tangent is T
+    t_in, s_in = (scale * t).float().to(x0.device), (scale * s).float().to(x0.device)
 
     def average_velocity(x: torch.Tensor, t_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
-        return net(x, scale * t_, scale * s_).float()
+        return net(x, t_, s_).float()
 
     u, du_dt = torch.func.jvp(average_velocity, (x_t, t_in, s_in),
-                              (velocity, torch.ones_like(t_in), torch.zeros_like(s_in)))
+                              (velocity, torch.full_like(t_in, scale), torch.zeros_like(s_in)))
     target = velocity - _linear_times(t - s, x_t).to(x0.device) * du_dt
     error = (u - target.detach()).pow(2).flatten(1).mean(1)
     if adaptive_power:
@@ -241,6 +254,7 @@ def semigroup_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, ge
     the consistency-trajectory idea, Kim et al., ICLR 2024, and the two-halves form of shortcut models, Frans et al.
     2024, with :math:`m` anywhere in between), compared as average velocities; plus ``flow_matching_weight`` times flow
     matching on :math:`\bar u_\theta(x, t, t)`, which anchors the short jumps to the ODE."""
+    _no_labels(y, "semigroup")
     n = x0.shape[0]
     t, s = _two_times(n, generator)
     m = s + (t - s) * torch.rand(n, generator=generator, dtype=torch.float64)

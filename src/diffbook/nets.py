@@ -192,6 +192,10 @@ class UNet(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(y)
+        return self._body(x, emb)
+
+    def _body(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The network after the embedding: stem, down path, middle, up path with skips, head."""
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
@@ -205,6 +209,35 @@ class UNet(nn.Module):
             else:
                 h = _apply(layer, torch.cat([h, hs.pop()], dim=1), emb)
         return self.head(h)
+
+
+class FlowMapUNet(UNet):
+    r"""The :class:`UNet` with a second time input, for flow maps (chapter 9): ``net(x, t, s)`` is an average
+    velocity :math:`\bar u(x, t, s)`. The jump's length :math:`t - s` gets its own embedding, added to the time's (as
+    MeanFlow does); its last layer starts at zero, so at initialisation the network ignores it."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__(config)
+        c = config.base_channels
+        self.jump_mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.SiLU(), nn.Linear(4 * c, 4 * c))
+        nn.init.zeros_(self.jump_mlp[-1].weight)
+        nn.init.zeros_(self.jump_mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"expected x of shape (batch, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                             f"got {tuple(x.shape)}")
+        t, y = checked_inputs(self, x, t, y, cfg.num_classes)
+        s, _ = checked_inputs(self, x, s, None, cfg.num_classes)
+        emb = self.time_mlp(timestep_embedding(t, cfg.base_channels))
+        emb = emb + self.jump_mlp(timestep_embedding(t - s, cfg.base_channels))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(y)
+        return self._body(x, emb)
 
 
 class Upsample(nn.Module):
@@ -391,20 +424,22 @@ class NoisyClassifier(nn.Module):
 
 
 def build_net(kind: str, config: dict) -> nn.Module:
-    """Construct a network from its name (``"unet"``, ``"mlp"``, ``"flow_map_mlp"``, ``"classifier"`` or
-    ``"noisy_classifier"``) and a config dict."""
+    """Construct a network from its name (``"unet"``, ``"mlp"``, ``"flow_map_mlp"``, ``"flow_map_unet"``,
+    ``"classifier"`` or ``"noisy_classifier"``) and a config dict."""
     if kind == "unet":
         return UNet(UNetConfig.from_dict(config))
     if kind == "mlp":
         return TimeMLP(MLPConfig(**config))
     if kind == "flow_map_mlp":
         return FlowMapMLP(MLPConfig(**config))
+    if kind == "flow_map_unet":
+        return FlowMapUNet(UNetConfig.from_dict(config))
     if kind == "classifier":
         return Classifier(ClassifierConfig.from_dict(config))
     if kind == "noisy_classifier":
         return NoisyClassifier(NoisyClassifierConfig.from_dict(config))
-    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp', 'flow_map_mlp', 'classifier' or "
-                     "'noisy_classifier'")
+    raise ValueError(f"unknown network kind {kind!r}: expected 'unet', 'mlp', 'flow_map_mlp', "
+                     "'flow_map_unet', 'classifier' or 'noisy_classifier'")
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -375,6 +375,9 @@ def sample_consistency(model: Predictor, x: torch.Tensor, times: torch.Tensor, *
     :math:`\hat x_0 = f(x, t_i)` (for a consistency model, its consistency function :math:`\Psi_{t_i\to 0}`), then
     re-noise it to the next time with fresh noise, :math:`x = \alpha_{t_{i+1}}\hat x_0 + \sigma_{t_{i+1}} z`; the last
     step, to :math:`t = 0`, returns :math:`\hat x_0`. One evaluation per step; one step is one-step generation."""
+    if isinstance(model, FlowMap):
+        raise TypeError("sample_consistency takes a Predictor (its x0 is the consistency function); for a FlowMap use "
+                        "sample_flow_map, or flow_map.consistency()")
     grid = _check_times(times)
     for i in _steps(grid, "consistency", progress):
         t, s = grid[i], grid[i + 1]

@@ -65,9 +65,10 @@ def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device) -> Objective:
-    """Load ``config.init_from``'s trained weights into ``net`` (when set) and return the objective with its options
-    bound, and the teacher's :class:`~diffbook.predictors.Predictor` where the objective takes one."""
+def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device, fresh: bool) -> Objective:
+    """Load ``config.init_from``'s trained weights into ``net`` (when set, on a ``fresh`` start; a resumed run's state
+    holds them) and return the objective with its options bound, and the teacher's
+    :class:`~diffbook.predictors.Predictor` where the objective takes one."""
     objective = functools.partial(OBJECTIVES[config.objective], **config.objective_options)
     if config.init_from is None:
         return objective
@@ -77,9 +78,13 @@ def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device) -
     if (parent.net, parent.net_config) != (config.net, config.net_config):
         raise ValueError(f"{config.name} starts from {parent.name}, whose network differs ({parent.net} "
                          f"{parent.net_config}): a student must have its teacher's architecture")
+    takes_teacher = "teacher" in inspect.signature(OBJECTIVES[config.objective]).parameters
+    if not (fresh or takes_teacher):
+        return objective  # a resumed run holds its weights already, and this objective needs no teacher
     teacher = load_or_train(parent, device=device)
-    net.load_state_dict(teacher.net.state_dict())
-    if "teacher" in inspect.signature(OBJECTIVES[config.objective]).parameters:
+    if fresh:
+        net.load_state_dict(teacher.net.state_dict())
+    if takes_teacher:
         teacher.net.eval().requires_grad_(False)
         objective = functools.partial(objective, teacher=predictor_from_trained(teacher))
     return objective
@@ -185,7 +190,8 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
 
     torch.manual_seed(config.seed)
     net = config.build_net().to(device)
-    objective = _starting_point(config, net, device)
+    # fresh: no state to resume (or an unreadable one that start_over moves aside)
+    objective = _starting_point(config, net, device, fresh=start_over or not state_path.exists())
     takes_progress = "progress" in inspect.signature(OBJECTIVES[config.objective]).parameters
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -207,10 +213,10 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["generator"].cpu())  # RNG states are CPU tensors, whatever map_location did
+        torch.set_rng_state(state["torch_rng"].cpu())
         if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step, wall_time, losses = state["step"], state["wall_time"], state["losses"]
         print(f"resuming {config.name} from step {step}/{config.steps} ({state_path})", file=sys.stderr)
     else:
@@ -299,13 +305,13 @@ def fit(build_net: Callable[[], nn.Module], loss: Callable[[nn.Module, torch.Gen
         *, lr: float = 2e-3, seed: int = 0, grad_clip: float = 1.0, progress: bool = False) -> nn.Module:
     """A short training run in memory, for exercises and toy experiments: ``build_net()`` (called after seeding, so
     the initial weights are reproducible), Adam, the learning rate decaying linearly to 0, gradient clipping;
-    ``loss(net, generator)`` draws its own batch from ``generator`` (seeded by ``seed``); a ``loss(net, generator,
-    progress)`` of three arguments also gets the share of training done, in [0, 1) (a curriculum, as ECT's). Returns
+    ``loss(net, generator)`` draws its own batch from ``generator`` (seeded by ``seed``); a loss with a third
+    parameter named ``progress`` also gets the share of training done, in [0, 1) (a curriculum, as ECT's). Returns
     the network in eval mode without gradients; the same seed gives the same weights on the CPU. No checkpoints and
     no resume: anything worth keeping is a :class:`TrainConfig` trained by :func:`train`."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    with_progress = len(inspect.signature(loss).parameters) == 3
+    with_progress = "progress" in inspect.signature(loss).parameters
     torch.manual_seed(seed)
     net = build_net()
     generator = torch.Generator().manual_seed(seed)
