@@ -6,7 +6,7 @@
 The second form trains every named U-Net config's network (smoke, default, full sizes) for a few steps in fp32 and in
 bf16 autocast and reports which is faster: the measurement behind each config's ``precision`` setting.
 
-Training: AdamW steps on random 28x28 batches with the precision the training loop would pick
+Training: AdamW steps on random batches of the network's image shape (28x28, or 32x32x3 for CIFAR-10) with the precision the training loop would pick
 (bf16 autocast on CPUs with native bf16 units and on CUDA); reported with fp32 beside it.
 Sampling: network evaluations of one reverse step at batch ``--sample-batch``, as images per second
 per step (divide by the number of steps for whole samples).
@@ -30,9 +30,13 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _image_shape(net: UNet) -> tuple[int, int, int]:
+    return net.config.in_channels, net.config.image_size, net.config.image_size
+
+
 def train_images_per_second(net: UNet, device: torch.device, dtype, batch: int, steps: int, warmup: int = 3) -> float:
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, 28, 28, device=device)
+    x = torch.randn(batch, *_image_shape(net), device=device)
     t = torch.randint(1, 1001, (batch,), device=device).float()
     for i in range(warmup + steps):
         if i == warmup:
@@ -50,7 +54,7 @@ def train_images_per_second(net: UNet, device: torch.device, dtype, batch: int, 
 @torch.no_grad()
 def sample_step_images_per_second(net: UNet, device: torch.device, dtype, batch: int, steps: int, warmup: int = 3) -> float:
     net.eval()
-    x = torch.randn(batch, 1, 28, 28, device=device)
+    x = torch.randn(batch, *_image_shape(net), device=device)
     t = torch.full((batch,), 500.0, device=device)
     for i in range(warmup + steps):
         if i == warmup:

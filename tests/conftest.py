@@ -14,13 +14,15 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_images(monkeypatch):
-    """Replace the training data with 64 synthetic 28x28 'images' (no files, no network)."""
+    """Replace the training data with 64 synthetic 'images' (no files, no network): 1x28x28, or 3x32x32 for CIFAR-10."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(64, 1, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=64).astype(np.int64)
-    dataset = ImageDataset("synthetic", "train", images, labels, tuple(str(i) for i in range(10)))
-    monkeypatch.setattr("diffbook.training_data.load_dataset", lambda name, split="train": dataset)
-    return dataset
+    names = tuple(str(i) for i in range(10))
+    datasets = {shape: ImageDataset("synthetic", "train", rng.integers(0, 256, size=(64, *shape), dtype=np.uint8),
+                                    labels, names) for shape in ((1, 28, 28), (3, 32, 32))}
+    monkeypatch.setattr("diffbook.training_data.load_dataset",
+                        lambda name, split="train": datasets[(3, 32, 32) if name == "cifar10" else (1, 28, 28)])
+    return datasets[(1, 28, 28)]
 
 
 def pytest_addoption(parser):

@@ -42,7 +42,8 @@ def test_full_config_trains_two_steps_and_samples_on_cpu(name, isolated_cache, t
     config = _two_steps(CONFIGS[name])
     model = train_module.train(config, device=CPU, progress=False)
     assert model.manifest["steps"] == 2 and (train_module.run_dir(config) / f"{config.name}.pt").exists()
-    shape = (2, 2) if config.net in ("mlp", "flow_map_mlp") else (2, 1, 28, 28)
+    shape = (2, 2) if config.net in ("mlp", "flow_map_mlp") else \
+        (2, config.net_config.get("in_channels", 1), *[config.net_config.get("image_size", 28)] * 2)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if config.objective == "noisy_classification":  # a classifier of noisy images (chapter 8): logits, not samples
         logits = model.net(noise, torch.tensor([10.0, 900.0]))
@@ -119,3 +120,12 @@ def test_every_training_loss_keeps_float64_off_the_device(name):
         loss = OBJECTIVES[config.objective](net, x0, config.build_schedule(), torch.Generator().manual_seed(0), y)
         loss.backward()
     assert loss.device == META and not watch.offending, sorted(watch.offending)
+
+
+def test_the_cifar10_network_is_the_ddpm_papers():
+    # Ho et al. (2020), appendix B: "Our CIFAR10 model has 35.7 million parameters"
+    from diffbook.nets import count_parameters
+    config = CONFIGS["cifar10_ddpm_full"]
+    assert abs(count_parameters(config.build_net()) / 35.7e6 - 1) < 0.005
+    assert (config.lr, config.batch_size, config.ema_decay, config.hflip) == (2e-4, 128, 0.9999, True)
+    assert config.net_config["dropout"] == 0.1 and tuple(config.net_config["attention_resolutions"]) == (16,)

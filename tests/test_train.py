@@ -173,3 +173,29 @@ def test_fit_trains_in_memory_reproducibly_and_refuses_a_diverging_loss():
         fit(lambda: torch.nn.Linear(2, 1), lambda net, generator: net.weight.sum() * float("nan"), 5)
     with pytest.raises(ValueError, match="steps must be at least 1"):
         fit(lambda: torch.nn.Linear(2, 1), loss, 0)
+
+
+def test_horizontal_flips_are_drawn_from_the_run_and_flip_about_half(isolated_cache, tiny_images, monkeypatch):
+    import diffbook.losses as losses_module
+    from diffbook.configs import CONFIGS
+    from diffbook.train import train
+    seen = []
+
+    def spy(net, x0, schedule, generator, y=None):
+        seen.append(x0.detach().clone())
+        return losses_module.ddpm_eps_loss(net, x0, schedule, generator, y)
+
+    monkeypatch.setitem(losses_module.OBJECTIVES, "ddpm_eps", spy)
+    config = CONFIGS["cifar10_ddpm_smoke"].replace(steps=2, checkpoint_every=2)
+    train(config, progress=False)
+    first_run = [x.clone() for x in seen]
+    from diffbook.training_data import load_training_data
+    from diffbook.train import _batch_indices, load_or_train
+    images, _ = load_training_data(config, load_or_train)
+    originals = images[_batch_indices(0, config.batch_size, len(images), config.seed)]
+    same = (first_run[0] == originals).flatten(1).all(1)
+    mirrored = (first_run[0] == originals.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and 4 <= mirrored.sum() <= config.batch_size - 4  # about half of 32 flipped
+    seen.clear()
+    train(config.replace(name="again"), progress=False)
+    assert torch.equal(seen[0], first_run[0])  # the same flips from the same seed

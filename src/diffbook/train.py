@@ -261,6 +261,9 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                         dropped = torch.rand(len(idx), generator=generator) < config.label_drop
                         y = torch.where(dropped, config.net_config["num_classes"], y)
                     y = y.to(device) if y is not None else None
+                    if config.hflip:  # random left-right flips, drawn on the CPU after the label drop's draws
+                        flipped = (torch.rand(len(idx), generator=generator) < 0.5).to(device)
+                        x0 = torch.where(flipped.view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
                     for group in optimizer.param_groups:
                         group["lr"] = _lr_at(config, step)
                     extra = {"progress": step / config.steps} if takes_progress else {}
