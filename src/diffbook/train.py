@@ -17,6 +17,7 @@ import copy
 import functools
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,8 @@ from tqdm import tqdm
 from .checkpoints import TrainedModel, build_manifest, find_checkpoint, load_checkpoint, release, run_dir
 from .configs import CONFIGS, TrainConfig
 from .device import autocast, autocast_dtype, pick_device
+from .distributed import (agree_on_signal, average_gradients, barrier, join, local_slice, mean_over_ranks,
+                          sharded_draws)
 from .losses import OBJECTIVES, Objective
 from .predictors import predictor_from_trained
 from .storage import atomic_torch_save
@@ -184,6 +187,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     (see :func:`move_aside`) and the run starts from step 0. A readable state is always resumed.
     """
     device = device or pick_device()
+    ranks, device = join(device)  # under torchrun: this process's rank, and its GPU
     directory = run_dir(config)
     state_path = directory / "state.pt"
     amp_dtype = autocast_dtype(device, config.precision)
@@ -237,12 +241,16 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         broken = _non_finite(net) + [f"ema.{name}" for name in _non_finite(ema)]
         if broken:
             raise diverged(f"the weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
+        if not ranks.writes:  # every rank holds the same state; rank 0 writes it
+            barrier(ranks)
+            return
         atomic_torch_save({
             "config": config.to_dict(), "step": step, "wall_time": wall_time, "losses": losses,
             "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }, state_path)
+        barrier(ranks)
 
     stop_at = config.steps if max_steps is None else min(config.steps, max_steps)
     if step < stop_at:
@@ -254,26 +262,30 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
             try:
                 while step < stop_at:
                     started = time.perf_counter()
+                    # the global batch (every rank draws the same), then this rank's share of it
                     idx = _batch_indices(step, config.batch_size, len(images), config.seed)
-                    x0 = images[idx].to(device)
+                    x0 = images[idx]
                     y = labels[idx] if labels is not None else None
                     if config.label_drop:  # "no class" for a random share of the batch, drawn on the CPU
                         dropped = torch.rand(len(idx), generator=generator) < config.label_drop
                         y = torch.where(dropped, config.net_config["num_classes"], y)
-                    y = y.to(device) if y is not None else None
                     if config.hflip:  # random left-right flips, drawn on the CPU after the label drop's draws
-                        flipped = (torch.rand(len(idx), generator=generator) < 0.5).to(device)
+                        flipped = torch.rand(len(idx), generator=generator) < 0.5
                         x0 = torch.where(flipped.view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
+                    share = local_slice(len(idx), ranks)
+                    x0 = x0[share].to(device)
+                    y = y[share].to(device) if y is not None else None
                     for group in optimizer.param_groups:
                         group["lr"] = _lr_at(config, step)
                     extra = {"progress": step / config.steps} if takes_progress else {}
-                    with autocast(device, amp_dtype):
+                    with sharded_draws(generator, ranks, len(x0)), autocast(device, amp_dtype):
                         loss = objective(net, x0, schedule, generator, y, **extra)
-                    loss_value = loss.item()
-                    if not torch.isfinite(loss.detach()):
+                    loss_value = mean_over_ranks(loss.item(), ranks, device)  # the global batch's loss
+                    if not math.isfinite(loss_value):
                         raise diverged("the loss", loss_value)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    average_gradients(net, ranks)
                     # With grad_clip = 0 an infinite max_norm measures the norm without clipping.
                     grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or float("inf"))
                     if not torch.isfinite(grad_norm):
@@ -285,7 +297,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                     wall_time += time.perf_counter() - started
                     bar.update(1)
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-                    signum = interrupted["signum"]
+                    signum = agree_on_signal(interrupted["signum"], ranks, device)  # all ranks stop together
                     if step % config.checkpoint_every == 0 or step == stop_at or signum is not None:
                         save_state()
                     if signum is not None:
@@ -297,10 +309,13 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
                 bar.close()
 
     manifest = build_manifest(config, step, wall_time, losses, device, ema)
+    if ranks.active:
+        manifest["processes"] = ranks.world  # wall time and hardware are per process
     manifest["command"] = command or f"diffbook.train.train(CONFIGS[{config.name!r}])"
-    if step >= config.steps:
+    if step >= config.steps and ranks.writes:
         target = Path(out_dir) if out_dir is not None else directory
         manifest = release(ema, config, manifest, losses, target)
+    barrier(ranks)
     return TrainedModel(ema, config, manifest, losses)
 
 
@@ -354,7 +369,8 @@ def _confirm(question: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffbook.train NAME [--out DIR] [--device D] [--steps N] [--start-over]``: train a named config."""
+    """``python -m diffbook.train NAME [--out DIR] [--device D] [--steps N] [--start-over]``: train a named config;
+    ``torchrun --nproc_per_node=N -m diffbook.train NAME ...`` trains it on N processes (:mod:`diffbook.distributed`)."""
     parser = argparse.ArgumentParser(prog="python -m diffbook.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", choices=sorted(CONFIGS), help="a named training config (diffbook.configs)")
     parser.add_argument("--out", default=None, help="directory for <name>.pt/.json (default: the run directory)")
@@ -379,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + stop.signum)
     except TrainingDiverged as error:
         sys.exit(f"error: {error}")
-    print(json.dumps(result.manifest, indent=2, allow_nan=False))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one manifest from rank 0
+        print(json.dumps(result.manifest, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":
