@@ -43,6 +43,12 @@ def _close(a: dict, b: dict) -> None:
     for key in ("net", "ema"):
         for name, value in a[key].items():
             assert torch.allclose(value, b[key][name], rtol=1e-5, atol=1e-6), f"{key}.{name}"
+    # Adam's moments see the gradients' scale, which the weights (Adam normalises it) hardly do, and so do the losses
+    for index, moments in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            other = b["optimizer"]["state"][index][name]
+            assert torch.allclose(moments[name], other, rtol=1e-4, atol=1e-9), f"optimizer {index}.{name}"
+    assert torch.allclose(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-5)
 
 
 def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_path):
@@ -73,3 +79,45 @@ def test_a_batch_must_split_evenly_over_the_processes():
     assert local_slice(64, Group(1, 2)) == slice(32, 64)
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         local_slice(63, Group(0, 2))
+
+
+def test_sharded_draws_give_each_sample_its_single_process_numbers_for_every_objective():
+    # no processes: two simulated ranks of 4 against one batch of 8, for each objective of the registry that draws;
+    # a stand-in network records what it is asked, and the generator must end where one process leaves it
+    from diffbook import losses
+    from diffbook.distributed import sharded_draws
+    from diffbook.predictors import Predictor
+    from diffbook.paths import LinearPath
+    schedule = CONFIGS["ring_fm_smoke"].build_schedule()
+    teacher = Predictor(lambda x, t: torch.zeros_like(x), "velocity", LinearPath())
+    extra = {"progressive_distillation": {"teacher": teacher, "student_steps": 4},
+             "consistency_distillation": {"teacher": teacher}}
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 3
+    tested = []
+    for name, objective in losses.OBJECTIVES.items():
+        if name in ("classification", "reflow", "meanflow"):  # no draws; pairs; a JVP (covered by the processes test)
+            continue
+
+        def run(rows, group):
+            seen, g = [], torch.Generator().manual_seed(1)
+
+            def net(x, t, third=None):
+                seen.append((x.detach().clone(), torch.as_tensor(t).detach().clone()))
+                return torch.zeros(x.shape[0], 3) if name == "noisy_classification" else x * 0.0
+
+            with sharded_draws(g, group, rows.stop - rows.start):
+                objective(net, x0[rows], schedule, g, y[rows] if name == "noisy_classification" else None,
+                          **extra.get(name, {}))
+            return seen, g.get_state()
+
+        whole, state = run(slice(0, 8), Group())
+        for rank, rows in enumerate((slice(0, 4), slice(4, 8))):
+            part, part_state = run(rows, Group(rank, 2))
+            assert torch.equal(part_state, state), name
+            assert len(part) == len(whole) > 0, name
+            for (x_all, t_all), (x_part, t_part) in zip(whole, part):
+                assert torch.equal(x_all[rows], x_part) and torch.equal(t_all[rows], t_part), name
+        tested.append(name)
+    assert {"ddpm_eps", "flow_matching", "ect", "consistency_distillation", "progressive_distillation", "semigroup",
+            "noisy_classification"} <= set(tested)

@@ -187,7 +187,7 @@ def test_horizontal_flips_are_drawn_from_the_run_and_flip_about_half(isolated_ca
 
     monkeypatch.setitem(losses_module.OBJECTIVES, "ddpm_eps", spy)
     config = CONFIGS["cifar10_ddpm_smoke"].replace(steps=2, checkpoint_every=2)
-    train(config, progress=False)
+    train(config, progress=False, device=torch.device("cpu"))
     first_run = [x.clone() for x in seen]
     from diffbook.training_data import load_training_data
     from diffbook.train import _batch_indices, load_or_train
@@ -197,5 +197,5 @@ def test_horizontal_flips_are_drawn_from_the_run_and_flip_about_half(isolated_ca
     mirrored = (first_run[0] == originals.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and 4 <= mirrored.sum() <= config.batch_size - 4  # about half of 32 flipped
     seen.clear()
-    train(config.replace(name="again"), progress=False)
+    train(config.replace(name="again"), progress=False, device=torch.device("cpu"))
     assert torch.equal(seen[0], first_run[0])  # the same flips from the same seed

@@ -7,7 +7,11 @@ would take with the whole batch:
   contiguous slice of ``batch_size / N`` of them;
 - **the same randomness**: the objectives draw their times and noise from the run's CPU generator. Inside
   :func:`sharded_draws` every draw of the run's generator whose first dimension is the local batch draws the global
-  batch's values and keeps the rank's slice, so each sample gets exactly the random numbers it gets in one process;
+  batch's values and keeps the rank's slice, so each sample gets exactly the random numbers it gets in one process.
+  This assumes what every objective of :mod:`diffbook.losses` does: its draws from the generator are per-sample
+  ``torch.randn`` / ``rand`` / ``randint`` of the batch's first dimension, and its loss is a mean of per-sample terms.
+  Dropout draws from the global RNG, which each rank seeds as a function of the step and its rank: with dropout, N
+  processes equal one process in distribution, not draw for draw;
 - **the same update**: after the backward pass the gradients are averaged over the ranks (:func:`average_gradients`,
   an all-reduce; the mean of equal shards' mean losses is the global mean loss), so every rank applies the same step
   and keeps identical weights, EMA and optimiser state.
@@ -20,6 +24,7 @@ manifests; a stop signal on any rank stops every rank after the same step (:func
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,11 +58,15 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Group(), device
+    if device.type == "mps":
+        raise ValueError("several processes need CUDA (NCCL) or the CPU (gloo); MPS has no collective backend here: "
+                         "run one process, or pass --device cpu")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # a rank that dies leaves the others waiting at most this long
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DIFFBOOK_DIST_TIMEOUT_S", "600")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Group(dist.get_rank(), dist.get_world_size()), device
 
 

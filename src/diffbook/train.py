@@ -56,6 +56,12 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tenso
     return out
 
 
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG's seed for one rank at one step of a multi-process run: dropout masks differ between ranks and a
+    resumed run draws the same ones (with dropout, N processes equal one process in distribution, not draw for draw)."""
+    return (seed * 1_000_003 + step) * 1_009 + rank + 1
+
+
 def _lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
@@ -188,6 +194,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     """
     device = device or pick_device()
     ranks, device = join(device)  # under torchrun: this process's rank, and its GPU
+    local_slice(config.batch_size, ranks)  # a batch that does not split over the processes fails before any work
     directory = run_dir(config)
     state_path = directory / "state.pt"
     amp_dtype = autocast_dtype(device, config.precision)
@@ -210,7 +217,9 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         except UnreadableState:
             if not start_over:
                 raise
-            move_aside(state_path)
+            if ranks.writes:  # rank 0 moves it aside; the other ranks start over with it
+                move_aside(state_path)
+    barrier(ranks)
     if state is not None:
         if state["config"] != config.to_dict():
             raise RuntimeError(f"{state_path} belongs to another config; delete it to start over")
@@ -222,7 +231,8 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step, wall_time, losses = state["step"], state["wall_time"], state["losses"]
-        print(f"resuming {config.name} from step {step}/{config.steps} ({state_path})", file=sys.stderr)
+        if ranks.writes:
+            print(f"resuming {config.name} from step {step}/{config.steps} ({state_path})", file=sys.stderr)
     else:
         # Identical starting RNG whatever happened before this call.
         torch.manual_seed(config.seed + 1)
@@ -256,12 +266,14 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     if step < stop_at:
         images, labels = load_training_data(config, load_or_train)
         net.train()
-        bar = tqdm(total=stop_at, initial=step, desc=config.name, disable=not progress, mininterval=2.0,
+        bar = tqdm(total=stop_at, initial=step, desc=config.name, disable=not (progress and ranks.writes), mininterval=2.0,
                    file=sys.stderr, dynamic_ncols=True)
         with _deferred_interrupt() as interrupted:
             try:
                 while step < stop_at:
                     started = time.perf_counter()
+                    if ranks.active:  # each rank its own stream for the global RNG (dropout), a function of the step
+                        torch.manual_seed(_rank_seed(config.seed, step, ranks.rank))
                     # the global batch (every rank draws the same), then this rank's share of it
                     idx = _batch_indices(step, config.batch_size, len(images), config.seed)
                     x0 = images[idx]
@@ -388,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             result = train(config, device=device, out_dir=args.out, command=command, start_over=args.start_over)
         except UnreadableState as error:
-            if not _confirm(f"error: {error}\nMove {error.path.name} aside and start this run over? [y/N] "):
+            several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: no prompt on every rank
+            if several or not _confirm(f"error: {error}\nMove {error.path.name} aside and start this run over? [y/N] "):
                 sys.exit(f"error: {error}")
             result = train(config, device=device, out_dir=args.out, command=command, start_over=True)
     except Interrupted as stop:  # the message is printed already; exit like the signal, without a traceback
