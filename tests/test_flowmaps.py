@@ -200,3 +200,20 @@ def test_the_shipped_ring_maps_are_semigroups_within_a_stated_tolerance(name, to
     truth = ode_flow_map(exact_predictor(ring_mixture(), LinearPath()), rtol=1e-8, atol=1e-8)(x, 1.0, 0.0)
     error = (one - truth).norm(dim=1).mean().item()
     assert error < 0.35, f"{name}: one jump lands {error:.3f} from the true flow map on average"
+
+
+def test_a_student_is_stale_once_its_teacher_is_retrained(isolated_cache, tiny_images, capsys):
+    from diffbook.checkpoints import find_checkpoint, read_manifest, release, run_dir
+    from diffbook.train import train
+    teacher_config, student_config = CONFIGS["mnist_fm_smoke"], CONFIGS["mnist_pd8_smoke"]
+    teacher = train(teacher_config, progress=False, device=torch.device("cpu"))
+    student = train(student_config, progress=False, device=torch.device("cpu"))
+    assert student.manifest["init_from_sha256"] == teacher.manifest["sha256"]
+    assert find_checkpoint(student_config) is not None
+    # a teacher trained again to other weights (as on another machine): its checkpoint and manifest are replaced
+    for p in teacher.net.parameters():
+        p.data.add_(0.01)
+    release(teacher.net, teacher_config, teacher.manifest, teacher.loss_history, run_dir(teacher_config))
+    assert read_manifest(run_dir(teacher_config) / f"{teacher_config.name}.json")["sha256"] != teacher.manifest["sha256"]
+    assert find_checkpoint(student_config) is None
+    assert "trained from another checkpoint of mnist_fm_smoke" in capsys.readouterr().err

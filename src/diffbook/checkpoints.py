@@ -133,21 +133,41 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | None = None)
     return TrainedModel(net, config, manifest, payload["losses"])
 
 
-def find_checkpoint(config: TrainConfig) -> Path | None:
-    """A released checkpoint whose manifest records exactly ``config``: shipped first, then the run cache.
+def parent_sha256(config: TrainConfig) -> str | None:
+    """The sha256 of the released checkpoint of ``config.init_from`` (the network a student started from and was
+    taught by), or None when it has none or none is found."""
+    from .configs import CONFIGS  # the named configs, to look the parent up by name
 
-    Says on stderr why a ``<name>.pt`` that exists is not used (no manifest, a broken one, or
-    another config), so that nobody retrains for half an hour without knowing why.
+    parent = CONFIGS.get(config.init_from) if config.init_from else None
+    path = find_checkpoint(parent) if parent is not None else None
+    return read_manifest(path.with_suffix(".json"))["sha256"] if path is not None else None
+
+
+def find_checkpoint(config: TrainConfig) -> Path | None:
+    """A released checkpoint whose manifest records exactly ``config``: shipped first, then the run cache. A student
+    (``init_from``) must also have been trained from its parent's current checkpoint (the manifest's
+    ``init_from_sha256``): a retrained teacher makes its students stale.
+
+    Says on stderr why a ``<name>.pt`` that exists is not used (no manifest, a broken one, another config, or a
+    retrained parent), so that nobody retrains for half an hour without knowing why.
     """
     for path in (checkpoints_dir() / f"{config.name}.pt", run_dir(config) / f"{config.name}.pt"):
         if not path.exists():
             continue
         try:
-            recorded = TrainConfig.from_dict(read_manifest(path.with_suffix(".json"))["config"])
+            manifest = read_manifest(path.with_suffix(".json"))
+            recorded = TrainConfig.from_dict(manifest["config"])
         except (OSError, ValueError, TypeError) as error:
             print(f"not using {path}: {error}", file=sys.stderr)
             continue
         if recorded.identity() == config.identity():
+            trained_from = manifest.get("init_from_sha256")
+            current = parent_sha256(config) if trained_from else None
+            if current is not None and current != trained_from:
+                print(f"not using {path}: it was trained from another checkpoint of {config.init_from} (sha256 "
+                      f"{trained_from[:12]}, now {current[:12]}); it is retrained from the current one",
+                      file=sys.stderr)
+                continue
             return path
         changed = sorted(k for k, v in config.to_dict().items() if recorded.to_dict().get(k) != v)
         print(f"not using {path}: it was trained with another config (differs in {', '.join(changed)})",

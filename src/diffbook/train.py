@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoints import TrainedModel, build_manifest, find_checkpoint, load_checkpoint, release, run_dir
+from .checkpoints import (TrainedModel, build_manifest, find_checkpoint, load_checkpoint, parent_sha256, release,
+                          run_dir)
 from .configs import CONFIGS, TrainConfig
 from .device import autocast, autocast_dtype, pick_device
 from .distributed import (agree_on_signal, average_gradients, barrier, join, local_slice, mean_over_ranks,
@@ -323,6 +324,8 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     manifest = build_manifest(config, step, wall_time, losses, device, ema)
     if ranks.active:
         manifest["processes"] = ranks.world  # wall time and hardware are per process
+    if config.init_from is not None and parent_sha256(config) is not None:
+        manifest["init_from_sha256"] = parent_sha256(config)  # the parent checkpoint this student came from
     manifest["command"] = command or f"diffbook.train.train(CONFIGS[{config.name!r}])"
     if step >= config.steps and ranks.writes:
         target = Path(out_dir) if out_dir is not None else directory
