@@ -108,7 +108,8 @@ def noisy_classification_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseS
 
 
 def _linear_times(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return broadcast(values, like).to(like.dtype)
+    """Per-sample times (float64, CPU) shaped to multiply ``like``, in its dtype and on its device."""
+    return broadcast(values, like).to(like.device, like.dtype)
 
 
 def _consistency_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
@@ -122,7 +123,7 @@ def _consistency_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule,
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     path, scale = LinearPath(), schedule.T
     x_t = path.sample(x0, noise, t)
-    gap = _linear_times(r - t, x_t).to(x0.device)
+    gap = _linear_times(r - t, x_t)
     with torch.no_grad():
         # consistency training: x_r on the same noise; distillation: one Euler step of the teacher's ODE from x_t
         x_r = path.sample(x0, noise, r) if teacher is None else x_t + gap * teacher(x_t, t, "velocity").to(x_t.dtype)
@@ -130,9 +131,9 @@ def _consistency_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule,
     devices = [x0.device] if x0.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         with torch.no_grad():
-            f_r = x_r - _linear_times(r, x_r).to(x0.device) * net(x_r, (scale * r).float().to(x0.device), y).float()
-            f_r = torch.where(_linear_times(r, x_r).to(x0.device) > 0, f_r, x_r)  # f(x, 0) = x
-    f_t = x_t - _linear_times(t, x_t).to(x0.device) * net(x_t, (scale * t).float().to(x0.device), y).float()
+            f_r = x_r - _linear_times(r, x_r) * net(x_r, (scale * r).float().to(x0.device), y).float()
+            f_r = torch.where(_linear_times(r, x_r) > 0, f_r, x_r)  # f(x, 0) = x
+    f_t = x_t - _linear_times(t, x_t) * net(x_t, (scale * t).float().to(x0.device), y).float()
     distance = ((f_t - f_r).flatten(1).pow(2).mean(1) + 1e-12).sqrt()
     weight = (1 / rho_t**2 + 1 / sigma_data**2).float().to(x0.device)
     return (weight * distance).mean()
@@ -151,8 +152,8 @@ def ect_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, generato
               \big\lVert f_\theta(x_t, t) - \operatorname{sg} f_\theta(x_r, r)\big\rVert_2,
 
     with :math:`f(x_r, 0) = x_r = x_0`. The weight is the official code's ``snrpk`` weighting (its EDM2 setting; its
-    CIFAR-10 setting weights by :math:`1/(t - r)` instead); q = 2 as in its CIFAR-10 runs. The stage :math:`j` runs from 0 to ``stages - 1`` over training (``progress``), so the
-    gap :math:`t - r` shrinks from "denoise to the data" towards the consistency condition between neighbours. The
+    CIFAR-10 setting weights by :math:`1/(t - r)` instead); q = 2 as in its CIFAR-10 runs. The stage :math:`j` runs
+    from 0 to ``stages - 1`` over training (``progress``), so the gap :math:`t - r` shrinks from "denoise to the data" towards the consistency condition between neighbours. The
     norm is the root mean square over pixels (ECT's L2 norm divided by :math:`\sqrt d`), averaged over the batch."""
     return _consistency_loss(net, x0, schedule, generator, y, None, progress, stages, q, k, b, log_rho_mean,
                              log_rho_std, sigma_data)
@@ -178,8 +179,9 @@ def progressive_distillation_loss(net: nn.Module, x0: torch.Tensor, schedule: No
     linear path, where DDIM's step is Euler's: one student step from :math:`t_i = 1 - i/N` to :math:`t_{i+1}` (``N =
     student_steps``) must land where two teacher steps of half the size land. For a velocity student the target is
     then the average of the teacher's two velocities, :math:`\tfrac12\big(u_{t_i}(x) + u_{t_{i+1/2}}(x + (t_{i+1/2} -
-    t_i)\,u_{t_i}(x))\big)`, regressed with the mean squared error over pixels (the student's average velocity over the
-    step: a flow map restricted to its grid). The student starts from the teacher's weights (``init_from``)."""
+    t_i)\,u_{t_i}(x))\big)`, regressed with the mean squared error over pixels: the student learns its teacher's
+    *sampler* on a coarser grid, not the ODE's flow map, so the chain's ceiling is its first teacher's sampler. The
+    student starts from the teacher's weights (``init_from``)."""
     if student_steps < 1:
         raise ValueError(f"student_steps must be >= 1, got {student_steps}")
     n = x0.shape[0]
@@ -189,7 +191,7 @@ def progressive_distillation_loss(net: nn.Module, x0: torch.Tensor, schedule: No
     x_t = LinearPath().sample(x0, noise, t)
     with torch.no_grad():
         first = teacher(x_t, t, "velocity")
-        second = teacher(x_t + _linear_times(t_mid - t, x_t).to(x0.device) * first, t_mid, "velocity")
+        second = teacher(x_t + _linear_times(t_mid - t, x_t) * first, t_mid, "velocity")
         target = 0.5 * (first + second).float()
     return (net(x_t, (schedule.T * t).float().to(x0.device), y).float() - target).pow(2).mean()
 
@@ -239,7 +241,7 @@ def meanflow_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, gen
 
     u, du_dt = torch.func.jvp(average_velocity, (x_t, t_in, s_in),
                               (velocity, torch.full_like(t_in, scale), torch.zeros_like(s_in)))
-    target = velocity - _linear_times(t - s, x_t).to(x0.device) * du_dt
+    target = velocity - _linear_times(t - s, x_t) * du_dt
     error = (u - target.detach()).pow(2).flatten(1).mean(1)
     if adaptive_power:
         error = error / (error.detach() + 1e-2) ** adaptive_power
@@ -264,10 +266,10 @@ def semigroup_loss(net: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, ge
 
     def jump(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         u = net(x, (scale * start).float().to(x.device), (scale * end).float().to(x.device)).float()
-        return x + _linear_times(end - start, x).to(x.device) * u
+        return x + _linear_times(end - start, x) * u
 
     with torch.no_grad():
-        target = (jump(jump(x_t, t, m), m, s) - x_t) / _linear_times(s - t, x_t).to(x0.device)
+        target = (jump(jump(x_t, t, m), m, s) - x_t) / _linear_times(s - t, x_t)
     u = net(x_t, (scale * t).float().to(x0.device), (scale * s).float().to(x0.device)).float()
     on_path = net(x_t, (scale * t).float().to(x0.device), (scale * t).float().to(x0.device)).float()
     flow_matching = (on_path - path.conditional_velocity(x0, noise, t)).pow(2).mean()

@@ -75,29 +75,32 @@ def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device, fresh: bool) -> Objective:
+def _starting_point(config: TrainConfig, net: nn.Module, device: torch.device, fresh: bool
+                    ) -> tuple[Objective, bool]:
     """Load ``config.init_from``'s trained weights into ``net`` (when set, on a ``fresh`` start; a resumed run's state
-    holds them) and return the objective with its options bound, and the teacher's
-    :class:`~diffbook.predictors.Predictor` where the objective takes one."""
+    holds them). Returns the objective with its options bound, and the teacher's
+    :class:`~diffbook.predictors.Predictor` where the objective takes one; and whether it takes ``progress``."""
+    parameters = inspect.signature(OBJECTIVES[config.objective]).parameters
     objective = functools.partial(OBJECTIVES[config.objective], **config.objective_options)
+    takes_progress = "progress" in parameters
     if config.init_from is None:
-        return objective
+        return objective, takes_progress
     if config.init_from not in CONFIGS:
         raise ValueError(f"{config.name}: init_from names no config: {config.init_from!r} (see diffbook.configs)")
     parent = CONFIGS[config.init_from]
     if (parent.net, parent.net_config) != (config.net, config.net_config):
         raise ValueError(f"{config.name} starts from {parent.name}, whose network differs ({parent.net} "
                          f"{parent.net_config}): a student must have its teacher's architecture")
-    takes_teacher = "teacher" in inspect.signature(OBJECTIVES[config.objective]).parameters
+    takes_teacher = "teacher" in parameters
     if not (fresh or takes_teacher):
-        return objective  # a resumed run holds its weights already, and this objective needs no teacher
+        return objective, takes_progress  # a resumed run holds its weights already, and needs no teacher
     teacher = load_or_train(parent, device=device)
     if fresh:
         net.load_state_dict(teacher.net.state_dict())
     if takes_teacher:
         teacher.net.eval().requires_grad_(False)
         objective = functools.partial(objective, teacher=predictor_from_trained(teacher))
-    return objective
+    return objective, takes_progress
 
 
 class Interrupted(KeyboardInterrupt):
@@ -203,8 +206,7 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     torch.manual_seed(config.seed)
     net = config.build_net().to(device)
     # fresh: no state to resume (or an unreadable one that start_over moves aside)
-    objective = _starting_point(config, net, device, fresh=start_over or not state_path.exists())
-    takes_progress = "progress" in inspect.signature(OBJECTIVES[config.objective]).parameters
+    objective, takes_progress = _starting_point(config, net, device, fresh=start_over or not state_path.exists())
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -267,8 +269,8 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     if step < stop_at:
         images, labels = load_training_data(config, load_or_train)
         net.train()
-        bar = tqdm(total=stop_at, initial=step, desc=config.name, disable=not (progress and ranks.writes), mininterval=2.0,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=stop_at, initial=step, desc=config.name, disable=not (progress and ranks.writes),
+                   mininterval=2.0, file=sys.stderr, dynamic_ncols=True)
         with _deferred_interrupt() as interrupted:
             try:
                 while step < stop_at:
@@ -324,8 +326,9 @@ def train(config: TrainConfig, *, device: torch.device | None = None, out_dir: s
     manifest = build_manifest(config, step, wall_time, losses, device, ema)
     if ranks.active:
         manifest["processes"] = ranks.world  # wall time and hardware are per process
-    if config.init_from is not None and parent_sha256(config) is not None:
-        manifest["init_from_sha256"] = parent_sha256(config)  # the parent checkpoint this student came from
+    parent = parent_sha256(config)
+    if parent is not None:
+        manifest["init_from_sha256"] = parent  # the parent checkpoint this student came from
     manifest["command"] = command or f"diffbook.train.train(CONFIGS[{config.name!r}])"
     if step >= config.steps and ranks.writes:
         target = Path(out_dir) if out_dir is not None else directory
