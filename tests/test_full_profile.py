@@ -29,9 +29,11 @@ def _two_steps(config):
 
 def test_every_network_has_a_full_config():
     bases = {name for name in CONFIGS if not name.endswith(("_full", "_smoke"))}
-    # The classifier is a metric's feature network, not a generative model: it has no paper-scale variant. (The
-    # noisy classifier of classifier guidance has one: it guides the full profile's larger networks.)
-    assert {name.removesuffix("_full") for name in FULL} == bases - {"mnist_classifier"}
+    # The digit classifier is a metric's feature network, not a generative model: it has no paper-scale variant. (The
+    # noisy classifier of classifier guidance has one: it guides the full profile's larger networks.) CIFAR-10's
+    # feature classifier exists only in the full profile, like the data.
+    assert {name.removesuffix("_full") for name in FULL} - {"cifar10_classifier"} == bases - {"mnist_classifier"}
+    assert "cifar10_classifier_full" in FULL
 
 
 @pytest.mark.parametrize("name", FULL)
@@ -45,7 +47,7 @@ def test_full_config_trains_two_steps_and_samples_on_cpu(name, isolated_cache, t
     shape = (2, 2) if config.net in ("mlp", "flow_map_mlp") else \
         (2, config.net_config.get("in_channels", 1), *[config.net_config.get("image_size", 28)] * 2)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    if config.objective == "noisy_classification":  # a classifier of noisy images (chapter 8): logits, not samples
+    if config.objective in ("classification", "noisy_classification"):  # classifiers: logits, not samples
         logits = model.net(noise, torch.tensor([10.0, 900.0]))
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
         return

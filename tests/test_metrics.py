@@ -5,8 +5,8 @@ import torch
 
 from diffbook.configs import MNIST_CLASSIFIER_SMOKE
 from diffbook.losses import classification_loss
-from diffbook.metrics import (GaussianStats, classifier_features, fd_floor, frechet_distance,
-                              nearest_neighbour_distances, precision_recall)
+from diffbook.metrics import (GaussianStats, QualityReference, classifier_features, fd_floor, frechet_distance,
+                              nearest_neighbour_distances, precision_recall, stored_classifier_features)
 from diffbook.nets import Classifier, ClassifierConfig
 from diffbook.schedules import NoiseSchedule
 
@@ -79,6 +79,37 @@ def test_classifier_shapes_and_features():
         net.features(torch.zeros(5, 1, 32, 32))
     with pytest.raises(ValueError, match="needs labels"):
         classification_loss(net, x, NoiseSchedule.linear(10), torch.Generator().manual_seed(6))
+
+
+def test_stored_features_are_the_computed_ones_and_follow_weights_and_images(isolated_cache):
+    torch.manual_seed(0)
+    net = Classifier(ClassifierConfig(channels=(8, 16), features=32)).eval()
+    images = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    calls = []
+    net.body.register_forward_hook(lambda *args: calls.append(1))
+    first = stored_classifier_features(net, images)
+    assert torch.equal(first, classifier_features(net, images)) and len(calls) == 2
+    stored = list((isolated_cache / "cache" / "features").glob("*.pt"))
+    assert len(stored) == 1
+    assert torch.equal(stored_classifier_features(net, images), first) and len(calls) == 2  # read, not recomputed
+    # other images, other weights, the other mode: each is its own entry, computed afresh
+    assert torch.equal(stored_classifier_features(net, images[:6]), first[:6]) and len(calls) == 3
+    bias = net.head[1].bias.detach().clone()
+    with torch.no_grad():
+        net.head[1].bias.add_(1.0)  # a weight that does not change the features still changes the key
+    stored_classifier_features(net, images)
+    net.train()
+    stored_classifier_features(net, images)
+    assert len(calls) == 5 and len(list(stored[0].parent.glob("*.pt"))) == 4
+    # a damaged file is computed again and replaced
+    net.eval()
+    with torch.no_grad():
+        net.head[1].bias.copy_(bias)
+    stored[0].write_bytes(b"not a tensor")
+    assert torch.equal(stored_classifier_features(net, images), first) and len(calls) == 6
+    assert torch.equal(torch.load(stored[0], weights_only=True), first)
+    reference = QualityReference(net, images, images[:6])
+    assert torch.equal(reference.train_features, first) and len(calls) == 6
 
 
 def test_classifier_trains_through_the_common_loop(isolated_cache, tiny_images):

@@ -11,16 +11,28 @@ trained on the same data (:data:`diffbook.configs.MNIST_CLASSIFIER`) is the hone
 Its numbers are only comparable with each other (same classifier, same sample size), and always next
 to the **floor**: the distance between two sets of real images of the same size (:func:`fd_floor`).
 Also here: k-NN precision and recall (Kynkäänniemi et al. 2019) and the distance of each sample to its
-nearest training image (memorisation).
+nearest training image (memorisation); and, for readers who have them, the standard FID with the published
+Inception weights (:func:`standard_fid`, computed by the maintained torch-fidelity library).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import nn
+
+from .storage import atomic_torch_save, cache_dir
+
+STANDARD_FID_LIBRARY = "torch-fidelity"
+"""The library that computes :func:`standard_fid` (Obukhov et al., https://github.com/toshas/torch-fidelity): its
+Inception-v3 is a port of the TensorFlow graph and weights of the original FID code, whose values, its authors
+state, it matches to floating-point precision (torch-fidelity 0.4.0's README; not checked here, where it cannot run:
+it needs torchvision, which has no CPU build for this torch)."""
 
 
 @dataclass(frozen=True)
@@ -134,14 +146,46 @@ def fd_floor(train_features: torch.Tensor, test_features: torch.Tensor, n: int, 
     return Floor(n, tuple(values))
 
 
+def _features_key(classifier: nn.Module, images: torch.Tensor) -> str:
+    """What the features of ``images`` depend on: the classifier's weights and mode, the images, the device type
+    and the torch version (kernels differ between versions and devices in their last bits)."""
+    digest = hashlib.sha256()
+    device = next(classifier.parameters()).device
+    digest.update(f"{torch.__version__}|{device.type}|training={classifier.training}|".encode())
+    for name, tensor in classifier.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    pixels = images.detach().cpu().contiguous()
+    digest.update(f"images|{pixels.dtype}|{tuple(pixels.shape)}|".encode())
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stored_classifier_features(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """:func:`classifier_features`, kept on disk (``<cache_dir>/features/<key>.pt``) under a key of everything they
+    depend on (:func:`_features_key`): the 70,000 real digits that chapters 6, 8 and 9 compare against go through the
+    classifier once per machine. A missing or unreadable file is recomputed and written atomically."""
+    path = cache_dir() / "features" / f"{_features_key(classifier, images)}.pt"
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)
+        if features.shape[0] == len(images) and features.dtype == torch.float64:
+            return features
+    except Exception:  # missing, truncated or not a tensor: compute it again
+        pass
+    features = classifier_features(classifier, images)
+    atomic_torch_save(features, path)
+    return features
+
+
 class QualityReference:
     """A classifier and the statistics of the real data it is compared against: :meth:`fd` scores a set of
-    samples, :meth:`floor` says what real images of the same number would score."""
+    samples, :meth:`floor` says what real images of the same number would score. The real images' features are
+    stored on disk (:func:`stored_classifier_features`)."""
 
     def __init__(self, classifier: nn.Module, train_images: torch.Tensor, test_images: torch.Tensor):
         self.classifier = classifier
-        self.train_features = classifier_features(classifier, train_images)
-        self.test_features = classifier_features(classifier, test_images)
+        self.train_features = stored_classifier_features(classifier, train_images)
+        self.test_features = stored_classifier_features(classifier, test_images)
         self.stats = GaussianStats.of(self.train_features)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,4 +228,47 @@ def straightness(trajectory: list[torch.Tensor], times: torch.Tensor) -> torch.T
         speed = (trajectory[i + 1] - trajectory[i]) / h
         total += abs(h) * (speed - chord).flatten(1).pow(2).sum(1).cpu().double()
     return total
+
+
+class _RGB8(torch.utils.data.Dataset):
+    """Images in [-1, 1] as torch-fidelity reads them: one uint8 (3, H, W) tensor per item (grey repeated)."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images of shape (n, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        pixels = ((self.images[i].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.expand(3, *pixels.shape[1:]).contiguous()
+
+
+def standard_fid(samples: torch.Tensor, reference: torch.Tensor, *, weights_path: str | os.PathLike | None = None,
+                 device: torch.device | None = None, batch_size: int = 200) -> float:
+    """The standard FID (Heusel et al. 2017), as published numbers report it: the Fréchet distance between the
+    2048-d pool features of Inception-v3 (the TensorFlow weights of the original code) of ``samples`` and of
+    ``reference``, both in [-1, 1] and quantised to 8 bits, computed by :data:`STANDARD_FID_LIBRARY`
+    (``pip install torch-fidelity``; it needs torchvision). ``weights_path`` is that library's Inception weights file
+    (``weights-inception-2015-12-05-6726825d.pth``), for machines without internet; otherwise it downloads it once.
+
+    Comparable with a paper's FID only at the paper's sample count and reference set (Ho et al. 2020: 50,000 samples
+    against the 50,000 CIFAR-10 training images): the estimate is biased upwards at smaller counts."""
+    try:
+        import torch_fidelity
+    except ImportError as error:
+        raise ImportError(f"the standard FID is computed by {STANDARD_FID_LIBRARY}, which is not installed: "
+                          f"pip install {STANDARD_FID_LIBRARY} (it needs torchvision). The classifier Fréchet distance "
+                          f"of this module (QualityReference) needs neither.") from error
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise FileNotFoundError(f"no Inception weights at {weights_path}: pass the torch-fidelity weights file "
+                                "(weights-inception-2015-12-05-6726825d.pth), or None to let it download them")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_RGB8(samples), input2=_RGB8(reference), fid=True, cuda=device.type == "cuda", batch_size=batch_size,
+        feature_extractor_weights_path=None if weights_path is None else str(weights_path), cache=False,
+        verbose=False)
+    return float(metrics["frechet_inception_distance"])
 
