@@ -1,7 +1,9 @@
 """Data-parallel training on the CPU with the gloo backend: two processes take the steps one process takes with the
 same global batch, and an interrupted two-process run resumes to the same weights."""
 import os
+import signal
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +21,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cache: str, max_steps: int | None) -> None:
+def _worker(rank: int, world: int, port: int, cache: str, max_steps: int | None,
+            terminate: tuple[int, int] | None) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "DIFFBOOK_CACHE": cache})
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from diffbook.train import train
+    import diffbook.train as train_module
+    if terminate is not None and terminate[0] == rank:  # this rank receives SIGTERM after its n-th step
+        real, updates = train_module._update_ema, [0]
+
+        def update_then_terminate(*args):
+            real(*args)
+            updates[0] += 1
+            if updates[0] == terminate[1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+        train_module._update_ema = update_then_terminate
     try:
-        train(CONFIG, device=torch.device("cpu"), progress=False, max_steps=max_steps)
+        train_module.train(CONFIG, device=torch.device("cpu"), progress=False, max_steps=max_steps)
+    except train_module.Interrupted as stop:  # every rank records how it stopped
+        (Path(cache) / f"stopped-{rank}").write_text(str(stop.signum))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(world: int, cache, max_steps: int | None = None) -> dict:
+def _run(world: int, cache, max_steps: int | None = None, terminate: tuple[int, int] | None = None) -> dict:
     """Train CONFIG in ``world`` fresh processes (one: a plain single-process run) with its own cache; its state."""
-    mp.start_processes(_worker, args=(world, _free_port(), str(cache), max_steps), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, _free_port(), str(cache), max_steps, terminate), nprocs=world,
+                       start_method="spawn")
     return torch.load(next((cache / "runs").glob("ddp_ring-*/state.pt")), weights_only=False)
 
 
@@ -73,6 +88,27 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path):
     uninterrupted = _run(2, tmp_path / "straight")
     assert resumed["step"] == uninterrupted["step"] == CONFIG.steps
     _close(resumed, uninterrupted)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path):
+    stopped = _run(2, tmp_path / "killed", terminate=(1, 4))  # rank 1 is sent SIGTERM after step 4 of 6
+    assert stopped["step"] == 4  # rank 0 saved the step that both ranks finished (checkpoints: every 3 steps)
+    assert [(tmp_path / "killed" / f"stopped-{rank}").read_text() for rank in (0, 1)] == [str(signal.SIGTERM)] * 2
+    resumed = _run(2, tmp_path / "killed")
+    uninterrupted = _run(2, tmp_path / "straight")
+    assert resumed["step"] == uninterrupted["step"] == CONFIG.steps
+    _close(resumed, uninterrupted)
+
+
+def test_the_manifest_records_the_torchrun_command_that_started_the_run():
+    from diffbook.train import command_line
+    args = ["cifar10_ddpm_full", "--device", "cuda"]
+    assert command_line(args, {}) == "python -m diffbook.train cifar10_ddpm_full --device cuda"
+    assert command_line(args, {"WORLD_SIZE": "1"}) == "python -m diffbook.train cifar10_ddpm_full --device cuda"
+    assert command_line(args, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == \
+        "torchrun --nproc_per_node=4 -m diffbook.train cifar10_ddpm_full --device cuda"
+    assert command_line(args, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == \
+        "torchrun --nnodes=2 --nproc_per_node=8 -m diffbook.train cifar10_ddpm_full --device cuda"
 
 
 def test_a_batch_must_split_evenly_over_the_processes():

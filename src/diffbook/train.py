@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -386,6 +386,17 @@ def _confirm(question: str) -> bool:
         return False
 
 
+def command_line(args: list[str], environ: Mapping[str, str]) -> str:
+    """The command that retrains this run, as its manifest records it: ``python -m diffbook.train ARGS``, or the
+    ``torchrun`` line when the environment says torchrun started this process (``WORLD_SIZE`` > 1)."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return "python -m diffbook.train " + " ".join(args)
+    per_node = int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = f"--nnodes={world // per_node} " if world > per_node else ""
+    return f"torchrun {nodes}--nproc_per_node={per_node} -m diffbook.train " + " ".join(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m diffbook.train NAME [--out DIR] [--device D] [--steps N] [--start-over]``: train a named config;
     ``torchrun --nproc_per_node=N -m diffbook.train NAME ...`` trains it on N processes (:mod:`diffbook.distributed`)."""
@@ -400,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = config.replace(steps=args.steps)
-    command = "python -m diffbook.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(sys.argv[1:] if argv is None else argv, os.environ)
     device = pick_device(args.device)
     try:
         try:
