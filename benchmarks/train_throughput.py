@@ -2,9 +2,12 @@
 
     python benchmarks/train_throughput.py [--batch 128] [--steps 20] [--device cpu]
     python benchmarks/train_throughput.py --precision-by-config [--out benchmarks/results/precision_cpu.json]
+    python benchmarks/train_throughput.py --config cifar10_ddpm_full [--steps 20] [--device cuda]
 
 The second form trains every named U-Net config's network (smoke, default, full sizes) for a few steps in fp32 and in
-bf16 autocast and reports which is faster: the measurement behind each config's ``precision`` setting.
+bf16 autocast and reports which is faster: the measurement behind each config's ``precision`` setting. The third
+trains one named config's network at its own batch size and precision and estimates the hours its ``steps`` take on
+this device (one process; with N GPUs under torchrun, about N times fewer when the batch splits well).
 
 Training: AdamW steps on random batches of the network's image shape (28x28, or 32x32x3 for CIFAR-10) with the precision the training loop would pick
 (bf16 autocast on CPUs with native bf16 units and on CUDA); reported with fp32 beside it.
@@ -89,6 +92,20 @@ def precision_by_config(device: torch.device, steps: int) -> dict:
             "steps": steps, "networks": rows}
 
 
+def config_cost(name: str, device: torch.device, steps: int) -> dict:
+    """Training images/s of a named config's network at its batch size and precision, and the hours its steps take."""
+    from diffbook.configs import CONFIGS
+
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    net = config.build_net().to(device)
+    rate = train_images_per_second(net, device, autocast_dtype(device, config.precision), config.batch_size, steps)
+    return {"config": name, "device": device.type, "hardware": describe_hardware(device), "torch": torch.__version__,
+            "parameters": count_parameters(net), "batch": config.batch_size, "precision": config.precision,
+            "train_images_per_s": round(rate, 1), "config_steps": config.steps,
+            "hours_for_config_steps": round(config.steps * config.batch_size / rate / 3600, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -97,9 +114,13 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision-by-config", action="store_true",
                         help="fp32 vs bf16 training speed for every named U-Net config's network")
+    parser.add_argument("--config", default=None, help="a named config: its network's cost at its own batch size")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args()
     device = pick_device(args.device)
+    if args.config:
+        print(json.dumps(config_cost(args.config, device, args.steps), indent=2))
+        return
     if args.precision_by_config:
         text = json.dumps(precision_by_config(device, args.steps), indent=2)
         print(text)
