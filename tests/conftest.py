@@ -12,8 +12,7 @@ def isolated_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def tiny_images(monkeypatch):
+def use_tiny_images(monkeypatch) -> ImageDataset:
     """Replace the training data with 64 synthetic 'images' (no files, no network): 1x28x28, or 3x32x32 for CIFAR-10."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=64).astype(np.int64)
@@ -23,6 +22,18 @@ def tiny_images(monkeypatch):
     monkeypatch.setattr("diffbook.training_data.load_dataset",
                         lambda name, split="train": datasets[(3, 32, 32) if name == "cifar10" else (1, 28, 28)])
     return datasets[(1, 28, 28)]
+
+
+@pytest.fixture
+def tiny_images(monkeypatch):
+    """The training data replaced by 64 synthetic images (:func:`use_tiny_images`)."""
+    return use_tiny_images(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny_images_into():
+    """:func:`use_tiny_images` itself, for fixtures of a wider scope than a test's (they bring their own patcher)."""
+    return use_tiny_images
 
 
 def pytest_addoption(parser):

@@ -265,8 +265,8 @@ CIFAR10_DDPM_SMOKE = CIFAR10_DDPM_FULL.replace(
                           attention_resolutions=()).to_dict())
 
 # The feature network of diffbook.metrics for CIFAR-10 (its classifier Fréchet distance, offline): the digit
-# classifier's architecture at 32x32x3, twice as wide, trained with the DDPM's flips. A GPU trains it in minutes;
-# like the CIFAR-10 DDPMs it ships no checkpoint (`python -m diffbook.train cifar10_classifier_full`).
+# classifier's architecture at 32x32x3, twice as wide, trained with the DDPM's flips (30k steps of batch 128); like
+# the CIFAR-10 DDPMs it ships no checkpoint (`python -m diffbook.train cifar10_classifier_full`).
 CIFAR10_CLASSIFIER_FULL = MNIST_CLASSIFIER.replace(
     name="cifar10_classifier_full", dataset="cifar10", steps=30_000, warmup_steps=500, hflip=True, checkpoint_every=2000,
     net_config=ClassifierConfig(image_size=32, in_channels=3, channels=(64, 128), features=256).to_dict())

@@ -76,6 +76,16 @@ class BoundEstimate:
         """The number of steps in each stratum, (strata,), float64."""
         return torch.tensor([last - first + 1 for first, last in self.strata], dtype=torch.float64)
 
+    @property
+    def single_steps_until(self) -> int:
+        """The step up to which each step, from t = 2 on, is a stratum of its own (no sampling over t there)."""
+        last_single = 1
+        for first, last in self.strata:
+            if first != last or first != last_single + 1:
+                break
+            last_single = last
+        return last_single
+
     def middle(self) -> torch.Tensor:
         r""":math:`\sum_{t=2}^{T} L_{t-1}` per image, each stratum's drawn term times its size: unbiased."""
         return (self.kl * self.sizes).sum(1)

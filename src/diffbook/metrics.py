@@ -17,6 +17,7 @@ Inception weights (:func:`standard_fid`, computed by the maintained torch-fideli
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from .storage import atomic_torch_save, cache_dir
+from .device import describe_hardware
+from .storage import atomic_torch_save, cache_dir, sha256_bytes
 
 STANDARD_FID_LIBRARY = "torch-fidelity"
 """The library that computes :func:`standard_fid` (Obukhov et al., https://github.com/toshas/torch-fidelity): its
@@ -64,7 +66,10 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
 
 @torch.no_grad()
 def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Penultimate-layer features (float64, CPU) of images in [-1, 1]; out-of-range pixels are clipped."""
+    """Penultimate-layer features (float64, CPU) of images in [-1, 1]; out-of-range pixels are clipped. The classifier
+    must be in eval mode (dropout off), or its features would be random."""
+    if any(module.training for module in classifier.modules()):
+        raise ValueError("the classifier is in training mode (dropout on): call .eval() on it first")
     device = next(classifier.parameters()).device
     chunks = [classifier.features(images[i:i + batch_size].clamp(-1, 1).float().to(device)).cpu().double()
               for i in range(0, len(images), batch_size)]
@@ -146,18 +151,34 @@ def fd_floor(train_features: torch.Tensor, test_features: torch.Tensor, n: int, 
     return Floor(n, tuple(values))
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 included, which numpy does not know)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined interactively: its name only
+        return getattr(obj, "__qualname__", repr(obj))
+
+
 def _features_key(classifier: nn.Module, images: torch.Tensor) -> str:
-    """What the features of ``images`` depend on: the classifier's weights and mode, the images, the device type
-    and the torch version (kernels differ between versions and devices in their last bits)."""
+    """What the features of ``images`` depend on: the classifier's code (its class's source and that of
+    :func:`classifier_features`), its weights, the images, and the numerics: torch version, device and hardware
+    (model and threads), float32 matmul precision and TF32 switches (kernels differ in their last bits)."""
     digest = hashlib.sha256()
     device = next(classifier.parameters()).device
-    digest.update(f"{torch.__version__}|{device.type}|training={classifier.training}|".encode())
+    numerics = [torch.__version__, device.type, describe_hardware(device), torch.get_float32_matmul_precision(),
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.version()]
+    digest.update("|".join(map(str, numerics)).encode())
+    digest.update(_source(type(classifier)).encode())
+    digest.update(_source(classifier_features).encode())
     for name, tensor in classifier.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    pixels = images.detach().cpu().contiguous()
-    digest.update(f"images|{pixels.dtype}|{tuple(pixels.shape)}|".encode())
-    digest.update(pixels.numpy().tobytes())
+        digest.update(_tensor_bytes(tensor))
+    digest.update(f"images|{images.dtype}|{tuple(images.shape)}|".encode())
+    digest.update(_tensor_bytes(images))
     return digest.hexdigest()
 
 
@@ -165,6 +186,8 @@ def stored_classifier_features(classifier: nn.Module, images: torch.Tensor) -> t
     """:func:`classifier_features`, kept on disk (``<cache_dir>/features/<key>.pt``) under a key of everything they
     depend on (:func:`_features_key`): the 70,000 real digits that chapters 6, 8 and 9 compare against go through the
     classifier once per machine. A missing or unreadable file is recomputed and written atomically."""
+    if any(module.training for module in classifier.modules()):
+        raise ValueError("the classifier is in training mode (dropout on): call .eval() on it first")
     path = cache_dir() / "features" / f"{_features_key(classifier, images)}.pt"
     try:
         features = torch.load(path, map_location="cpu", weights_only=True)
@@ -266,9 +289,12 @@ def standard_fid(samples: torch.Tensor, reference: torch.Tensor, *, weights_path
         raise FileNotFoundError(f"no Inception weights at {weights_path}: pass the torch-fidelity weights file "
                                 "(weights-inception-2015-12-05-6726825d.pth), or None to let it download them")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    real = _RGB8(reference)
+    # the reference's Inception statistics are kept by the library under a name for exactly these images
+    name = "diffbook-" + sha256_bytes(_tensor_bytes(torch.stack([real[i] for i in range(len(real))])))[:20]
     metrics = torch_fidelity.calculate_metrics(
-        input1=_RGB8(samples), input2=_RGB8(reference), fid=True, cuda=device.type == "cuda", batch_size=batch_size,
-        feature_extractor_weights_path=None if weights_path is None else str(weights_path), cache=False,
-        verbose=False)
+        input1=_RGB8(samples), input2=real, fid=True, cuda=device.type == "cuda", batch_size=batch_size,
+        feature_extractor_weights_path=None if weights_path is None else str(weights_path), cache=True,
+        input2_cache_name=name, cache_root=str(cache_dir() / STANDARD_FID_LIBRARY), verbose=False)
     return float(metrics["frechet_inception_distance"])
 
