@@ -26,6 +26,9 @@ from diffbook.device import autocast, autocast_dtype, describe_hardware, pick_de
 from diffbook.nets import UNet, UNetConfig, count_parameters
 
 
+IMAGE_NETS = ("unet", "classifier", "noisy_classifier")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -46,7 +49,7 @@ def train_images_per_second(net: UNet, device: torch.device, dtype, batch: int, 
             _sync(device)
             started = time.perf_counter()
         with autocast(device, dtype):
-            loss = (net(x, t).float() - x).pow(2).mean()
+            loss = net(x, t).float().pow(2).mean()  # any output shape: a U-Net's image, a classifier's logits
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -97,6 +100,9 @@ def config_cost(name: str, device: torch.device, steps: int) -> dict:
     from diffbook.configs import CONFIGS
 
     config = CONFIGS[name]
+    if config.net not in IMAGE_NETS:
+        raise SystemExit(f"--config {name}: its network is a {config.net!r}; this measures image networks "
+                         f"({', '.join(IMAGE_NETS)})")
     torch.manual_seed(0)
     net = config.build_net().to(device)
     rate = train_images_per_second(net, device, autocast_dtype(device, config.precision), config.batch_size, steps)

@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, cache: str, max_steps: int | None,
     try:
         train_module.train(CONFIG, device=torch.device("cpu"), progress=False, max_steps=max_steps)
     except train_module.Interrupted as stop:  # every rank records how it stopped
-        (Path(cache) / f"stopped-{rank}").write_text(str(stop.signum))
+        (Path(cache) / f"stopped-{rank}").write_text(str(int(stop.signum)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -93,15 +93,23 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path):
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path):
     stopped = _run(2, tmp_path / "killed", terminate=(1, 4))  # rank 1 is sent SIGTERM after step 4 of 6
     assert stopped["step"] == 4  # rank 0 saved the step that both ranks finished (checkpoints: every 3 steps)
-    assert [(tmp_path / "killed" / f"stopped-{rank}").read_text() for rank in (0, 1)] == [str(signal.SIGTERM)] * 2
+    assert [(tmp_path / "killed" / f"stopped-{rank}").read_text() for rank in (0, 1)] == [str(int(signal.SIGTERM))] * 2
     resumed = _run(2, tmp_path / "killed")
     uninterrupted = _run(2, tmp_path / "straight")
     assert resumed["step"] == uninterrupted["step"] == CONFIG.steps
     _close(resumed, uninterrupted)
 
 
-def test_the_manifest_records_the_torchrun_command_that_started_the_run():
+def test_the_manifest_records_the_torchrun_command_that_started_the_run(monkeypatch, capsys):
+    import diffbook.train as train_module
     from diffbook.train import command_line
+    given = {}
+    monkeypatch.setattr(train_module, "train", lambda config, **kwargs: given.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # not rank 0: it prints no manifest
+    train_module.main(["ring_fm_smoke", "--device", "cpu"])
+    assert given["command"] == "torchrun --nproc_per_node=2 -m diffbook.train ring_fm_smoke --device cpu"
     args = ["cifar10_ddpm_full", "--device", "cuda"]
     assert command_line(args, {}) == "python -m diffbook.train cifar10_ddpm_full --device cuda"
     assert command_line(args, {"WORLD_SIZE": "1"}) == "python -m diffbook.train cifar10_ddpm_full --device cuda"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffbook.predictors import Predictor
-from diffbook.elbo import (bits_per_dim, ddpm_bound_estimate, ddpm_bound_terms, discretized_gaussian_log_likelihood,
-                           gaussian_kl, geometric_strata)
+from diffbook.elbo import (BoundEstimate, bits_per_dim, ddpm_bound_estimate, ddpm_bound_terms,
+                           discretized_gaussian_log_likelihood, gaussian_kl, geometric_strata)
 from diffbook.schedules import NoiseSchedule
 
 
@@ -80,3 +80,20 @@ def test_geometric_strata_partition_the_kl_steps():
         strata = geometric_strata(T, n)
         assert strata[0][0] == 2 and strata[-1][1] == T and len(strata) == min(n, T - 1)
         assert all(a <= b and b + 1 == c for (a, b), (c, _) in zip(strata, strata[1:]))
+
+
+def test_single_steps_until_is_where_the_strata_stop_being_single_steps():
+    def until(strata) -> int:
+        empty = torch.zeros(0)
+        return BoundEstimate(empty, empty, empty, empty, tuple(strata)).single_steps_until
+
+    for T, n in [(1000, 40), (1000, 100), (1000, 999)]:
+        strata = geometric_strata(T, n)
+        expected = max(first for first, last in strata if first == last and all(
+            a == b for a, b in strata[: strata.index((first, last)) + 1]))
+        assert until(strata) == expected
+    assert until(geometric_strata(1000, 100)) == 54 and until(geometric_strata(1000, 40)) == 14
+    assert until(geometric_strata(1000, 999)) == 1000  # every step its own stratum
+    assert until([(2, 5), (6, 6)]) == 1  # the first stratum is wide: no step is a stratum of its own
+    assert until([(2, 2), (3, 3), (4, 9), (10, 10)]) == 3  # a lone single step later on does not count
+

@@ -11,9 +11,9 @@ import torch
 import diffbook.training_data as training_data
 from diffbook import evaluate
 from diffbook.configs import (CIFAR10_CLASSIFIER_SMOKE, CIFAR10_DDPM_SMOKE, MNIST_CLASSIFIER_SMOKE, MNIST_FM_SMOKE)
-from diffbook.metrics import STANDARD_FID_LIBRARY, QualityReference, standard_fid
+from diffbook.metrics import STANDARD_FID_LIBRARY, QualityReference, classifier_accuracy, standard_fid
 from diffbook.predictors import predictor_from_trained
-from diffbook.samplers import sample_ancestral, step_times
+from diffbook.samplers import karras_times, sample_ancestral, sample_ddim, step_times
 from diffbook.storage import sha256_file
 from diffbook.train import run_dir, train
 
@@ -58,7 +58,7 @@ def test_the_command_line_scores_a_trained_cifar_model_and_writes_its_report(tra
     printed = capsys.readouterr()
     report = json.loads(printed.out)
     assert evaluate.describe(report) in printed.err and "heun 3 NFE, 12 samples: classifier FD" in printed.err
-    written = run_dir(CIFAR10_DDPM_SMOKE) / "quality-heun-4nfe-12-seed0.json"
+    written = run_dir(CIFAR10_DDPM_SMOKE) / "quality-heun-4nfe-12samples-seed0-fp32-cifar10_classifier_smoke-nofid.json"
     assert json.loads(written.read_text()) == report
     assert report["model_sha256"] == sha256_file(run_dir(CIFAR10_DDPM_SMOKE) / "cifar10_ddpm_smoke.pt")
     assert report["nfe"] == 3  # Heun: 2 steps on a grid ending at t = 0 spend 3 of the 4 evaluations allowed
@@ -73,13 +73,24 @@ def test_the_command_line_scores_a_trained_cifar_model_and_writes_its_report(tra
     quality = QualityReference(classifier.net, images, images)
     assert report["classifier_fd"] == pytest.approx(quality.fd(samples), rel=1e-9)
     assert report["classifier_fd_floor"] == pytest.approx(quality.floor(12).mean, rel=1e-9)
+    labels = torch.from_numpy(training_data.load_dataset("cifar10").labels)
+    assert report["classifier_test_accuracy"] == classifier_accuracy(classifier.net, images, labels)
 
 
 def test_more_samples_than_test_images_are_also_scored_at_the_floors_size(trained_cifar_smoke):
+    ddpm, classifier = trained_cifar_smoke
     report = evaluate.evaluate_sample_quality(CIFAR10_DDPM_SMOKE, CIFAR10_CLASSIFIER_SMOKE, 70, sampler="ddim", nfe=2,
                                               device=CPU, standard=False, progress=False)
     assert report["floor_samples"] == 64 and report["samples"] == 70  # the synthetic test split has 64 images
-    assert report["classifier_fd_at_floor_samples"] > 0 and "at that number" in evaluate.describe(report)
+    images = training_data.load_dataset("cifar10").tensor()
+    quality = QualityReference(classifier.net, images, images)
+    samples = evaluate.draw_samples(predictor_from_trained(ddpm), "ddim", 2, 70, SHAPE, CPU, progress=False)
+    subset = torch.randperm(70, generator=torch.Generator().manual_seed(2))[:64]
+    assert report["classifier_fd_at_floor_samples"] == pytest.approx(quality.fd(samples[subset]), rel=1e-9)
+    assert report["classifier_fd_at_floor_samples"] != report["classifier_fd"]
+    # every test image is in the floor's one draw: no spread is claimed for it
+    assert report["classifier_fd_floor_std"] is None and report["classifier_fd_floor"] == quality.floor(64, 1).mean
+    assert "from one draw, every test image, at 64; the samples' FD at that number" in evaluate.describe(report)
 
 
 def test_samples_are_reproducible_and_start_from_the_same_noise_for_every_sampler(trained_cifar_smoke):
@@ -97,6 +108,13 @@ def test_samples_are_reproducible_and_start_from_the_same_noise_for_every_sample
                                            clip_x0=True).clamp(-1, 1))
     drawn = evaluate.draw_samples(predictor, "ancestral", 3, 7, SHAPE, CPU, seed=4, batch_size=3, progress=False)
     assert torch.equal(drawn, torch.cat(chunks))
+    # a deterministic sampler from the same starting noise (the same seed): DDIM on its Karras times
+    starts = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        ddim = [sample_ddim(predictor, torch.randn((size, *SHAPE), generator=starts), karras_times(predictor.path, 3))
+                for size in (3, 3, 1)]
+    assert torch.equal(evaluate.draw_samples(predictor, "ddim", 3, 7, SHAPE, CPU, seed=4, batch_size=3,
+                                             progress=False), torch.cat(ddim).clamp(-1, 1))
     other_seed = evaluate.draw_samples(predictor, "ddim", 3, 7, SHAPE, CPU, seed=5, progress=False)
     assert not torch.equal(other_seed, evaluate.draw_samples(predictor, "ddim", 3, 7, SHAPE, CPU, seed=4,
                                                              progress=False))
@@ -114,15 +132,33 @@ def test_without_torch_fidelity_the_report_says_what_to_install(trained_cifar_sm
     assert evaluate.describe({**report, "standard_fid": 3.456}).endswith(f"FID 3.46 ({STANDARD_FID_LIBRARY})")
 
 
-def test_a_failing_standard_fid_keeps_the_other_numbers(trained_cifar_smoke, monkeypatch):
+def test_the_standard_fid_gets_the_samples_and_the_training_images_and_its_failure_keeps_the_rest(
+        trained_cifar_smoke, monkeypatch, tmp_path):
+    seen = {}
+
+    def recording(samples, reference, weights_path=None, device=None):
+        seen.update(samples=samples, reference=reference, weights_path=weights_path)
+        return 7.5
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setattr(evaluate, "_fidelity_installed", lambda: True)
+    monkeypatch.setattr(evaluate, "standard_fid", recording)
+    report = evaluate.evaluate_sample_quality(CIFAR10_DDPM_SMOKE, CIFAR10_CLASSIFIER_SMOKE, 6, sampler="ddim", nfe=2,
+                                              inception_weights=weights, device=CPU, progress=False)
+    assert report["standard_fid"] == 7.5 and "against the 64 training images" in report["standard_fid_note"]
+    predictor = predictor_from_trained(trained_cifar_smoke[0])
+    assert torch.equal(seen["samples"], evaluate.draw_samples(predictor, "ddim", 2, 6, SHAPE, CPU, progress=False))
+    assert torch.equal(seen["reference"], training_data.load_dataset("cifar10").tensor())
+    assert seen["weights_path"] == weights
+
     def no_weights(*args, **kwargs):
-        raise OSError("could not download the Inception weights")
+        raise ValueError("could not read the Inception weights")
 
     monkeypatch.setattr(evaluate, "standard_fid", no_weights)
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: object())  # "installed"
     report = evaluate.evaluate_sample_quality(CIFAR10_DDPM_SMOKE, CIFAR10_CLASSIFIER_SMOKE, 6, sampler="ddim", nfe=2,
                                               device=CPU, progress=False)
-    assert report["standard_fid"] is None and "OSError: could not download" in report["standard_fid_note"]
+    assert report["standard_fid"] is None and "ValueError: could not read" in report["standard_fid_note"]
     assert report["classifier_fd"] > 0
 
 

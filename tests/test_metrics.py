@@ -94,6 +94,7 @@ def test_stored_features_are_the_computed_ones_and_follow_weights_and_images(iso
     assert torch.equal(stored_classifier_features(net, images), first) and len(calls) == 2  # read, not recomputed
     # other images, other weights, the other mode: each is its own entry, computed afresh
     assert torch.equal(stored_classifier_features(net, images[:6]), first[:6]) and len(calls) == 3
+    assert torch.equal(stored_classifier_features(net, images.flip(0)), first.flip(0)) and len(calls) == 4
     bias = net.head[1].bias.detach().clone()
     with torch.no_grad():
         net.head[1].bias.add_(1.0)  # a weight that does not change the features still changes the key
@@ -101,7 +102,7 @@ def test_stored_features_are_the_computed_ones_and_follow_weights_and_images(iso
     with monkeypatch.context() as patch:  # so does another torch (its kernels may differ in the last bits)
         patch.setattr(torch, "__version__", "0.0.0-other")
         stored_classifier_features(net, images)
-    assert len(calls) == 5 and len(list(stored[0].parent.glob("*.pt"))) == 4
+    assert len(calls) == 6 and len(list(stored[0].parent.glob("*.pt"))) == 5
     net.train()  # dropout on: random features are refused, not stored
     with pytest.raises(ValueError, match=r"training mode .* \.eval\(\)"):
         stored_classifier_features(net, images)
@@ -112,10 +113,10 @@ def test_stored_features_are_the_computed_ones_and_follow_weights_and_images(iso
     with torch.no_grad():
         net.head[1].bias.copy_(bias)
     stored[0].write_bytes(b"not a tensor")
-    assert torch.equal(stored_classifier_features(net, images), first) and len(calls) == 6
+    assert torch.equal(stored_classifier_features(net, images), first) and len(calls) == 7
     assert torch.equal(torch.load(stored[0], weights_only=True), first)
     reference = QualityReference(net, images, images[:6])
-    assert torch.equal(reference.train_features, first) and len(calls) == 6
+    assert torch.equal(reference.train_features, first) and len(calls) == 7
 
 
 def test_classifier_trains_through_the_common_loop(isolated_cache, tiny_images):

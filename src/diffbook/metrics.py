@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,15 +165,17 @@ def _source(obj) -> str:
 
 
 def _features_key(classifier: nn.Module, images: torch.Tensor) -> str:
-    """What the features of ``images`` depend on: the classifier's code (its class's source and that of
-    :func:`classifier_features`), its weights, the images, and the numerics: torch version, device and hardware
-    (model and threads), float32 matmul precision and TF32 switches (kernels differ in their last bits)."""
+    """What the features of ``images`` depend on: the classifier's code (the source of the module that defines each of
+    its layers' classes, and of :func:`classifier_features`), its weights, the images, and the numerics: torch version,
+    device and hardware (model and threads), float32 matmul precision and TF32 switches (kernels differ in their last
+    bits)."""
     digest = hashlib.sha256()
     device = next(classifier.parameters()).device
     numerics = [torch.__version__, device.type, describe_hardware(device), torch.get_float32_matmul_precision(),
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.version()]
     digest.update("|".join(map(str, numerics)).encode())
-    digest.update(_source(type(classifier)).encode())
+    for module_name in sorted({type(layer).__module__ for layer in classifier.modules()}):
+        digest.update(_source(sys.modules[module_name]).encode())
     digest.update(_source(classifier_features).encode())
     for name, tensor in classifier.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
