@@ -28,6 +28,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from .data import to_uint8
 from .device import describe_hardware
 from .storage import atomic_torch_save, cache_dir, sha256_bytes
 
@@ -65,12 +66,16 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     return float(((a.mean - b.mean) ** 2).sum() + np.trace(a.cov) + np.trace(b.cov) - 2 * np.trace(covmean))
 
 
+def _require_eval(classifier: nn.Module) -> None:
+    if any(module.training for module in classifier.modules()):
+        raise ValueError("the classifier is in training mode (dropout on): call .eval() on it first")
+
+
 @torch.no_grad()
 def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Penultimate-layer features (float64, CPU) of images in [-1, 1]; out-of-range pixels are clipped. The classifier
     must be in eval mode (dropout off), or its features would be random."""
-    if any(module.training for module in classifier.modules()):
-        raise ValueError("the classifier is in training mode (dropout on): call .eval() on it first")
+    _require_eval(classifier)
     device = next(classifier.parameters()).device
     chunks = [classifier.features(images[i:i + batch_size].clamp(-1, 1).float().to(device)).cpu().double()
               for i in range(0, len(images), batch_size)]
@@ -189,8 +194,7 @@ def stored_classifier_features(classifier: nn.Module, images: torch.Tensor) -> t
     """:func:`classifier_features`, kept on disk (``<cache_dir>/features/<key>.pt``) under a key of everything they
     depend on (:func:`_features_key`): the 70,000 real digits that chapters 6, 8 and 9 compare against go through the
     classifier once per machine. A missing or unreadable file is recomputed and written atomically."""
-    if any(module.training for module in classifier.modules()):
-        raise ValueError("the classifier is in training mode (dropout on): call .eval() on it first")
+    _require_eval(classifier)  # before the key: a training-mode classifier's features are never stored
     path = cache_dir() / "features" / f"{_features_key(classifier, images)}.pt"
     try:
         features = torch.load(path, map_location="cpu", weights_only=True)
@@ -262,14 +266,13 @@ class _RGB8(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images of shape (n, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-        self.images = images
+        self.pixels = to_uint8(images.cpu())
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        pixels = ((self.images[i].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return pixels.expand(3, *pixels.shape[1:]).contiguous()
+        return self.pixels[i].expand(3, *self.pixels.shape[2:]).contiguous()
 
 
 def standard_fid(samples: torch.Tensor, reference: torch.Tensor, *, weights_path: str | os.PathLike | None = None,
@@ -294,7 +297,7 @@ def standard_fid(samples: torch.Tensor, reference: torch.Tensor, *, weights_path
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real = _RGB8(reference)
     # the reference's Inception statistics are kept by the library under a name for exactly these images
-    name = "diffbook-" + sha256_bytes(_tensor_bytes(torch.stack([real[i] for i in range(len(real))])))[:20]
+    name = "diffbook-" + sha256_bytes(_tensor_bytes(real.pixels))[:20]
     metrics = torch_fidelity.calculate_metrics(
         input1=_RGB8(samples), input2=real, fid=True, cuda=device.type == "cuda", batch_size=batch_size,
         feature_extractor_weights_path=None if weights_path is None else str(weights_path), cache=True,
